@@ -1,0 +1,156 @@
+"""The shared linear algebra of every steering estimator, on torch.func.
+
+A follower's parameters travel through this module as one flat vector; `FlatParams` maps that vector to the
+named tensors that `torch.func.functional_call` expects and back. Everything here is a pure function of
+tensors, so each piece is tested against an exact answer in tests/test_linalg.py.
+
+- `hvp_operator`  linearises grad L once and returns v -> H v (reverse-over-reverse, reused for every product).
+- `per_sample_grads`  the per-sample gradients of per-sample losses, batched with vmap.
+- `per_sample_directional`  < grad_phi l_i, v > for every sample i in one forward-mode JVP.
+- `conjugate_gradient`, `neumann_series`  solvers for (H + damping I) x = b.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Dict, Mapping
+
+import torch
+from torch import Tensor
+from torch.func import grad, jvp, vjp
+
+TensorDict = Dict[str, Tensor]
+
+
+class FlatParams:
+    """Maps a module's named parameters to one flat vector and back (shapes and order fixed at creation)."""
+
+    def __init__(self, named: Mapping[str, Tensor]):
+        self.names = list(named.keys())
+        self.shapes = [tuple(t.shape) for t in named.values()]
+        self.numels = [t.numel() for t in named.values()]
+        self.size = sum(self.numels)
+
+    def flatten(self, named: Mapping[str, Tensor]) -> Tensor:
+        """Concatenate the tensors of `named` (in this map's order) into one vector."""
+        return torch.cat([named[n].reshape(-1) for n in self.names])
+
+    def unflatten(self, flat: Tensor) -> TensorDict:
+        """Split `flat` into named views with the original shapes (differentiable)."""
+        parts = torch.split(flat, self.numels)
+        return {n: p.view(s) for n, p, s in zip(self.names, parts, self.shapes)}
+
+
+def hvp_operator(loss: Callable[[Tensor], Tensor], phi: Tensor) -> Callable[[Tensor], Tensor]:
+    """Return `v -> H v`, H the Hessian of the scalar `loss` at `phi`, linearised once.
+
+    grad L is traced once; each product is then one vector-Jacobian product through that trace. H is symmetric,
+    so the VJP is the HVP. A solver that calls it k times pays about k gradient evaluations, not 3k.
+    """
+    _, vjp_fn = vjp(grad(loss), phi)
+
+    def hvp(v: Tensor) -> Tensor:
+        return vjp_fn(v)[0]
+
+    return hvp
+
+
+def per_sample_grads(losses: Callable[[Tensor], Tensor], phi: Tensor) -> Tensor:
+    """Jacobian of the per-sample losses `losses(phi)` (shape [n]) in phi: one row per sample, shape [n, P].
+
+    Reverse mode over the batch at once (torch.func.jacrev vectorises the n backward passes with vmap), and
+    differentiable by outer autograd when the samples depend on leader parameters (pathwise steering).
+    """
+    return torch.func.jacrev(losses)(phi)
+
+
+def per_sample_directional(losses: Callable[[Tensor], Tensor], phi: Tensor, v: Tensor) -> Tensor:
+    """s_i = < grad_phi l_i(phi), v > for all samples in one forward-mode JVP of the per-sample losses."""
+    _, tangent = jvp(losses, (phi,), (v,))
+    return tangent
+
+
+@dataclass
+class SolveResult:
+    """A linear solve's answer with the diagnostics that the game logs (solver/residual, solver/iterations)."""
+
+    x: Tensor
+    iterations: int
+    residual: float  # relative residual ||b - A x|| / ||b||
+    negative_curvature: bool = False
+
+
+def conjugate_gradient(
+    matvec: Callable[[Tensor], Tensor],
+    b: Tensor,
+    x0: Tensor | None = None,
+    damping: float = 0.0,
+    tol: float = 1e-10,
+    max_iter: int = 100,
+) -> SolveResult:
+    """Solve (A + damping I) x = b for symmetric positive-definite A by conjugate gradients.
+
+    Stops when ||r|| <= tol * ||b|| or after max_iter products. A direction with p^T A p <= 0 means the
+    follower's loss is not locally convex there: the solve stops and reports `negative_curvature` so that
+    the caller can apply its configured fallback instead of returning a meaningless answer.
+    """
+    def A(v: Tensor) -> Tensor:
+        return matvec(v) + damping * v if damping else matvec(v)
+
+    b_norm = b.norm()
+    if b_norm == 0:
+        return SolveResult(torch.zeros_like(b), 0, 0.0)
+    x = torch.zeros_like(b) if x0 is None else x0.clone()
+    r = b - A(x) if x0 is not None else b.clone()
+    p = r.clone()
+    rs = r.dot(r)
+    threshold = (tol * b_norm) ** 2
+    it = 0
+    while it < max_iter and rs > threshold:
+        Ap = A(p)
+        curvature = p.dot(Ap)
+        it += 1
+        if not curvature > 0:  # also catches NaN
+            return SolveResult(x, it, (rs.sqrt() / b_norm).item(), negative_curvature=True)
+        alpha = rs / curvature
+        x = x + alpha * p
+        r = r - alpha * Ap
+        rs_new = r.dot(r)
+        p = r + (rs_new / rs) * p
+        rs = rs_new
+    return SolveResult(x, it, (rs.sqrt() / b_norm).item())
+
+
+def neumann_series(
+    matvec: Callable[[Tensor], Tensor],
+    b: Tensor,
+    terms: int = 20,
+    alpha: float = 0.1,
+    damping: float = 0.0,
+) -> SolveResult:
+    """Approximate (A + damping I)^-1 b by alpha * sum_{j<terms} (I - alpha (A + damping I))^j b.
+
+    Converges when alpha * lambda_max(A + damping I) < 2 and A + damping I is positive definite; the result's
+    residual says how far it got.
+    """
+    def A(v: Tensor) -> Tensor:
+        return matvec(v) + damping * v if damping else matvec(v)
+
+    term = b.clone()
+    total = b.clone()
+    for _ in range(terms - 1):
+        term = term - alpha * A(term)
+        total = total + term
+    x = alpha * total
+    b_norm = b.norm()
+    residual = ((b - A(x)).norm() / b_norm).item() if b_norm > 0 else 0.0
+    return SolveResult(x, terms, residual)
+
+
+def cosine(a: Tensor, b: Tensor) -> float:
+    """Cosine similarity of two flat vectors (0 when either is zero)."""
+    na, nb = a.norm(), b.norm()
+    if na == 0 or nb == 0:
+        return 0.0
+    value = (a.dot(b) / (na * nb)).item()
+    return value if math.isfinite(value) else float("nan")
