@@ -78,5 +78,6 @@ class RunConfig:
     rounds: int = doc(100, "number of rounds (training steps) to play")
     seed: int = doc(0, "random seed (parameters and the game's random stream)")
     output_dir: Optional[str] = doc(None, "run folder; default runs/<recipe>/version_<n>")
+    name: str = doc("", "the recipe's name (set from its path; names the run folder)")
     description: str = doc("", "one line shown by `stackelberg list`")
     base: Optional[str] = doc(None, "another recipe whose keys this one starts from")

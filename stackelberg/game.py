@@ -149,6 +149,21 @@ class LeaderFollowerGame(L.LightningModule):
         """The game's own metrics after a round (true utility, proxy reward, ...)."""
         return {}
 
+    @classmethod
+    def figures(cls, history: Dict[str, List[float]]) -> Dict[str, Any]:
+        """A finished run's figures (name -> matplotlib Figure). Default: every metric against the round."""
+        from stackelberg import plots
+
+        return {"metrics": plots.metric_grid(history, title=cls.__name__)}
+
+    @classmethod
+    def comparison_figures(cls, groups: Dict[str, List[Dict[str, List[float]]]]) -> Dict[str, Any]:
+        """Figures comparing runs: `groups` maps a variant's name to its runs' histories (one per seed)."""
+        from stackelberg import plots
+
+        keys = list(dict.fromkeys([*cls.best_metrics, *cls.progress_metrics]))
+        return plots.comparison(groups, keys)
+
     def extra_state(self) -> Dict[str, Any]:
         """Game state beyond parameters and buffers that a checkpoint must keep (e.g. a replay buffer)."""
         return {}
@@ -173,11 +188,13 @@ class LeaderFollowerGame(L.LightningModule):
             metrics = {**steering_logs, **self.round_metrics()}
         self._last = {k: float(v) for k, v in metrics.items()}
         if self.round % self.log_every == 0 or self.round == self.rounds:
-            self.log_dict(self._last, on_step=True, on_epoch=False, sync_dist=self._distributed(),
-                          batch_size=1)
-            shown = {k: self._last[k] for k in self.progress_metrics if k in self._last}
-            if shown:
-                self.log_dict(shown, prog_bar=True, logger=False, on_step=True, on_epoch=False, batch_size=1)
+            sync = self._distributed()  # metrics are averaged across processes
+            shown = {k: v for k, v in self._last.items() if k in self.progress_metrics}
+            rest = {k: v for k, v in self._last.items() if k not in self.progress_metrics}
+            for metrics, in_bar in ((shown, True), (rest, False)):
+                if metrics:
+                    self.log_dict(metrics, prog_bar=in_bar, on_step=True, on_epoch=False, sync_dist=sync,
+                                  batch_size=1)
 
     def leader_gradients(self, batch: Batch) -> Tuple[Tensor, Tensor, Steering]:
         """(plain gradient, steering gradient, the estimator's answer) of the leader's objective, flat, ascent.
@@ -207,7 +224,7 @@ class LeaderFollowerGame(L.LightningModule):
             logs["steering/norm"] = g_steer.norm().item()
             logs["steering/cos_policy_grad"] = linalg.cosine(g_steer, g_plain)
             logs["leader/grad_norm"] = g_plain.norm().item()
-            self._apply(self.leader_optimizer, params, -(g_plain + g_steer), self.leader_config)
+            self._step_optimizer(self.leader_optimizer, params, -(g_plain + g_steer), self.leader_config)
         else:
             logs["leader/skipped_nonfinite"] = 1.0
         return logs
@@ -218,7 +235,7 @@ class LeaderFollowerGame(L.LightningModule):
         loss = self.follower_losses(batch, self.follower_flat()).mean()
         g = self.all_reduce_mean(self._grad(loss, params))
         if torch.isfinite(g).all():
-            self._apply(self.follower_optimizer, params, g, self.follower_config)
+            self._step_optimizer(self.follower_optimizer, params, g, self.follower_config)
 
     def _surrogates(self, batch: Batch, detached: Batch, steering: Steering) -> Tuple[Tensor, Optional[Tensor]]:
         """The leader's plain objective and its steering term, each a scalar whose theta-gradient is wanted."""
@@ -328,7 +345,7 @@ class LeaderFollowerGame(L.LightningModule):
         return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params)])
 
     @staticmethod
-    def _apply(optimizer: torch.optim.Optimizer, params: List[nn.Parameter], flat_grad: Tensor,
+    def _step_optimizer(optimizer: torch.optim.Optimizer, params: List[nn.Parameter], flat_grad: Tensor,
                config: PlayerConfig) -> None:
         if config.clip_value is not None:
             flat_grad = flat_grad.clamp(-config.clip_value, config.clip_value)

@@ -1,0 +1,1 @@
+"""PAPER.md 4.3 as a game: iterative RLHF on transformers models."""

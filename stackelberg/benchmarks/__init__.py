@@ -1,0 +1,1 @@
+"""Benchmarks run by `stackelberg bench NAME`; each prints one JSON object."""
