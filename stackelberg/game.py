@@ -214,7 +214,6 @@ class LeaderFollowerGame(L.LightningModule):
     def leader_step(self, batch: Batch) -> Dict[str, float]:
         """One leader update on its objective plus the steering term; returns the steering diagnostics."""
         g_plain, g_steer, steering = self.leader_gradients(batch)
-        params = self.leader_parameters
         logs = dict(steering.diagnostics)
         logs["steering/nonfinite"] = 0.0
         if not torch.isfinite(g_steer).all():  # never let a broken steering term reach the parameters
@@ -224,18 +223,41 @@ class LeaderFollowerGame(L.LightningModule):
             logs["steering/norm"] = g_steer.norm().item()
             logs["steering/cos_policy_grad"] = linalg.cosine(g_steer, g_plain)
             logs["leader/grad_norm"] = g_plain.norm().item()
-            self._step_optimizer(self.leader_optimizer, params, -(g_plain + g_steer), self.leader_config)
-        else:
-            logs["leader/skipped_nonfinite"] = 1.0
+        self.apply_gradient("leader", -(g_plain + g_steer), averaged=True)
         return logs
 
     def follower_step(self, batch: Batch) -> None:
         """One follower update on its mean loss."""
-        params = self.follower_parameters
         loss = self.follower_losses(batch, self.follower_flat()).mean()
-        g = self.all_reduce_mean(self._grad(loss, params))
-        if torch.isfinite(g).all():
-            self._step_optimizer(self.follower_optimizer, params, g, self.follower_config)
+        self.apply_gradient("follower", self._grad(loss, self.follower_parameters))
+
+    def apply_gradient(self, player: str, flat_grad: Tensor, averaged: bool = False) -> bool:
+        """Step `player`'s ("leader" or "follower") optimiser along a flat descent gradient.
+
+        The gradient is averaged across processes (unless `averaged`), skipped if not finite (returns False),
+        clipped as the player's config says, then applied. Custom leader updates (e.g. best-of-n) call this too.
+        """
+        if player == "leader":
+            optimizer, params, config = self.leader_optimizer, self.leader_parameters, self.leader_config
+        elif player == "follower":
+            optimizer, params, config = self.follower_optimizer, self.follower_parameters, self.follower_config
+        else:
+            raise ValueError(f"player must be 'leader' or 'follower', not {player!r}")
+        if not averaged:
+            flat_grad = self.all_reduce_mean(flat_grad)
+        if not torch.isfinite(flat_grad).all():
+            return False
+        if config.clip_value is not None:
+            flat_grad = flat_grad.clamp(-config.clip_value, config.clip_value)
+        if config.clip_norm is not None:
+            norm = flat_grad.norm()
+            if norm > config.clip_norm:
+                flat_grad = flat_grad * (config.clip_norm / norm)
+        for p, g in zip(params, torch.split(flat_grad, [p.numel() for p in params])):
+            p.grad = g.view_as(p).detach().clone()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return True
 
     def _surrogates(self, batch: Batch, detached: Batch, steering: Steering) -> Tuple[Tensor, Optional[Tensor]]:
         """The leader's plain objective and its steering term, each a scalar whose theta-gradient is wanted."""
@@ -256,12 +278,21 @@ class LeaderFollowerGame(L.LightningModule):
         plain = (leave_one_out(rewards) * logp).mean() + self.leader_regularizer(batch)
         if steering.is_zero:
             return plain, None
-        s = torch.zeros_like(rewards)
+        s = self.steering_rewards(detached, steering)
+        return plain, (leave_one_out(s) * logp).mean()
+
+    def steering_rewards(self, detached: Batch, steering: Steering) -> Tensor:
+        """Each sample's steering reward s_i = sum_k < grad_phi l_i(phi_k), v_k > - penalty_i (no graph).
+
+        What the steering adds to a sample's reward on the score-function path, or to its score in a
+        best-of-n selection. One forward-mode JVP per adjoint pair for the whole batch.
+        """
+        s = torch.zeros((), device=self.device)
         for phi_k, v_k in steering.adjoints:
             s = s + self._steering_rewards(detached, phi_k, v_k).detach()
         if steering.penalty is not None:
             s = s - steering.penalty.detach()
-        return plain, (leave_one_out(s) * logp).mean()
+        return s
 
     def _steering_rewards(self, batch: Batch, phi: Tensor, v: Tensor) -> Tensor:
         """s_i = < grad_phi l_i(phi), v > for every sample, by one JVP."""
@@ -343,20 +374,6 @@ class LeaderFollowerGame(L.LightningModule):
     def _grad(scalar: Tensor, params: List[nn.Parameter], retain_graph: bool = False) -> Tensor:
         grads = torch.autograd.grad(scalar, params, retain_graph=retain_graph, allow_unused=True)
         return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params)])
-
-    @staticmethod
-    def _step_optimizer(optimizer: torch.optim.Optimizer, params: List[nn.Parameter], flat_grad: Tensor,
-               config: PlayerConfig) -> None:
-        if config.clip_value is not None:
-            flat_grad = flat_grad.clamp(-config.clip_value, config.clip_value)
-        if config.clip_norm is not None:
-            norm = flat_grad.norm()
-            if norm > config.clip_norm:
-                flat_grad = flat_grad * (config.clip_norm / norm)
-        for p, g in zip(params, torch.split(flat_grad, [p.numel() for p in params])):
-            p.grad = g.view_as(p).detach().clone()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
 
     def _distributed(self) -> bool:
         return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
