@@ -388,6 +388,8 @@ class LeaderFollowerGame(L.LightningModule):
 
     @staticmethod
     def _grad(scalar: Tensor, params: List[nn.Parameter], retain_graph: bool = False) -> Tensor:
+        if not scalar.requires_grad:  # an objective that reaches theta only through the follower (e.g. HPO)
+            return torch.cat([torch.zeros_like(p).reshape(-1) for p in params])
         grads = torch.autograd.grad(scalar, params, retain_graph=retain_graph, allow_unused=True)
         return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params)])
 
