@@ -58,10 +58,24 @@ def hvp_operator(loss: Callable[[Tensor], Tensor], phi: Tensor) -> Callable[[Ten
 def per_sample_grads(losses: Callable[[Tensor], Tensor], phi: Tensor) -> Tensor:
     """Jacobian of the per-sample losses `losses(phi)` (shape [n]) in phi: one row per sample, shape [n, P].
 
-    Reverse mode over the batch at once (torch.func.jacrev vectorises the n backward passes with vmap), and
-    differentiable by outer autograd when the samples depend on leader parameters (pathwise steering).
+    One forward pass, then the n backward passes batched over the same graph (autograd's vmap over the
+    backward, `is_grads_batched`); a single sample takes a plain backward. The rows keep their graph to
+    anything the samples depend on (leader parameters on the pathwise path), so a penalty built from them
+    can be differentiated again.
     """
-    return torch.func.jacrev(losses)(phi)
+    p = phi.detach().requires_grad_(True)
+    with torch.enable_grad():
+        values = losses(p).reshape(-1)
+        n = values.shape[0]
+        create_graph = values.requires_grad
+        if n == 1:
+            (rows,) = torch.autograd.grad(values.sum(), p, create_graph=create_graph, allow_unused=True)
+            rows = torch.zeros_like(p) if rows is None else rows
+            return rows.unsqueeze(0)
+        eye = torch.eye(n, dtype=values.dtype, device=values.device)
+        (rows,) = torch.autograd.grad(values, p, eye, is_grads_batched=True, create_graph=create_graph,
+                                      allow_unused=True)
+    return torch.zeros(n, p.numel(), dtype=p.dtype, device=p.device) if rows is None else rows
 
 
 def per_sample_directional(losses: Callable[[Tensor], Tensor], phi: Tensor, v: Tensor) -> Tensor:
