@@ -283,7 +283,7 @@ class LeaderFollowerGame(L.LightningModule):
                 return plain, None
             steer = torch.zeros((), device=plain.device, dtype=plain.dtype)
             for phi_k, v_k in steering.adjoints:
-                steer = steer + self._steering_rewards(batch, phi_k, v_k).mean()
+                steer = steer + self._steering_inner(batch, phi_k, v_k)
             if steering.penalty is not None:
                 steer = steer - steering.penalty.mean()
             return plain, steer
@@ -309,6 +309,16 @@ class LeaderFollowerGame(L.LightningModule):
         if steering.penalty is not None:
             s = s - steering.penalty.detach()
         return s
+
+    def _steering_inner(self, batch: Batch, phi: Tensor, v: Tensor) -> Tensor:
+        """< grad_phi L_F(phi; D(theta)), v > with its graph to theta: the batch mean of the steering rewards.
+
+        The pathwise path needs only this mean, so it takes one reverse-mode gradient of the mean loss instead
+        of the per-sample JVP: the same number, and far cheaper when the loss multiplies phi by a fixed matrix
+        (forward mode through a matrix-vector product materialises a zero tangent and copies the matrix).
+        """
+        g = torch.func.grad(lambda p: self.follower_losses(batch, p).mean())(phi)
+        return (g * v).sum()
 
     def _steering_rewards(self, batch: Batch, phi: Tensor, v: Tensor) -> Tensor:
         """s_i = < grad_phi l_i(phi), v > for every sample, by one JVP."""
