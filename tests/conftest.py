@@ -1,0 +1,27 @@
+"""Shared test settings: float64 answers, a fixed seed, the repository root, and a subprocess helper."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Every test starts from the same random state."""
+    torch.manual_seed(0)
+    yield
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 120, env: dict | None = None):
+    """Run `python -m stackelberg ARGS` in a fresh process; returns the CompletedProcess (text mode)."""
+    full_env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
+    full_env.pop("STACKELBERG_RUN_DIR", None)
+    return subprocess.run([sys.executable, "-m", "stackelberg", *args], cwd=str(cwd or REPO), env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
