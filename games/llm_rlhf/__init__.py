@@ -1,1 +1,4 @@
-"""PAPER.md 4.3 as a game: iterative RLHF on transformers models."""
+"""Iterative RLHF with FPO on transformers models (PAPER.md section 4.3): `stackelberg run llm/fpo-relaxed`."""
+from .game import LLMRLHFGame
+
+Game = LLMRLHFGame
