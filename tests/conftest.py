@@ -10,6 +10,8 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # `import games` from the checkout (installed, it is `stackelberg_games`)
+    sys.path.insert(0, str(REPO))
 
 
 @pytest.fixture(autouse=True)

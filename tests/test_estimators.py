@@ -1,0 +1,268 @@
+"""Every steering estimator against an exact or finite-difference answer (the jaxopt habit).
+
+The quadratic game (games/quadratic.py) has a closed-form best response and hypergradient; a tiny linear reward
+model checks FPO against a one-step unroll; finite differences check the unrolled total derivative for SGD,
+momentum and Adam followers.
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from games.quadratic import QuadraticGame
+from stackelberg import (
+    FPO,
+    ImplicitCG,
+    ImplicitNeumann,
+    LeaderFollowerGame,
+    NoSteering,
+    PlayerConfig,
+    SolverFailure,
+    Steering,
+    Unrolled,
+)
+from stackelberg.game import detach_batch, leave_one_out
+
+D = torch.float64
+
+
+def quadratic(estimator, follower=None, **config) -> QuadraticGame:
+    """A float64 quadratic game with a random leader and the follower at its exact best response."""
+    game = QuadraticGame(QuadraticGame.Config(**config), estimator=estimator,
+                         leader_config=PlayerConfig(lr=0.05),
+                         follower_config=follower or PlayerConfig(optimizer="sgd", lr=0.09))
+    with torch.no_grad():
+        game.leader.value.copy_(torch.randn(game.config.leader_dim, dtype=D))
+        game.follower.value.copy_(game.best_response(game.leader.value))
+    return game
+
+
+def total_derivative(game: LeaderFollowerGame) -> torch.Tensor:
+    """The estimator's dJ/dtheta: plain gradient plus steering gradient."""
+    plain, steer, _ = game.leader_gradients(game.label(game.leader_batch()))
+    return plain + steer
+
+
+def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Exact hypergradient of the quadratic game
+# ---------------------------------------------------------------------------------------------------------
+
+def test_implicit_cg_matches_exact_hypergradient():
+    game = quadratic(ImplicitCG(tol=1e-12, max_iter=100))
+    exact = game.exact_hypergradient(game.leader.value.detach())
+    assert rel_error(total_derivative(game), exact) < 1e-6
+    # the myopic estimator misses the steering term entirely: the test above is not trivially satisfied
+    myopic = quadratic(NoSteering())
+    assert rel_error(total_derivative(myopic), exact) > 0.1
+
+
+def test_implicit_neumann_converges_as_terms_grow():
+    errors = []
+    for terms in (5, 20, 80, 320):
+        game = quadratic(ImplicitNeumann(terms=terms, alpha=0.09))
+        errors.append(rel_error(total_derivative(game), game.exact_hypergradient(game.leader.value.detach())))
+    assert all(later < earlier for earlier, later in zip(errors, errors[1:])), errors
+    assert errors[-1] < 1e-6, errors
+
+
+def test_unrolled_sgd_converges_as_steps_grow():
+    errors = []
+    for steps in (1, 5, 20, 80, 320):
+        game = quadratic(Unrolled(steps=steps))
+        errors.append(rel_error(total_derivative(game), game.exact_hypergradient(game.leader.value.detach())))
+    assert all(later < earlier for earlier, later in zip(errors, errors[1:])), errors
+    assert errors[-1] < 1e-6, errors
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Finite differences of the look-ahead objective J(theta, phi_K(theta))
+# ---------------------------------------------------------------------------------------------------------
+
+def lookahead_objective(game: LeaderFollowerGame, theta: torch.Tensor, steps: int) -> float:
+    """J(theta, phi_K(theta)): K real optimiser steps of a copy of the follower on D(theta), then J."""
+    g = copy.deepcopy(game)
+    with torch.no_grad():
+        g.leader.value.copy_(theta)
+        batch = g.leader_batch()
+    for _ in range(steps):
+        g.follower_step(detach_batch(batch))
+    with torch.no_grad():
+        return g.leader_values(batch, g.follower_flat()).mean().item()
+
+
+@pytest.mark.parametrize("follower", [
+    PlayerConfig(optimizer="sgd", lr=0.05),
+    PlayerConfig(optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=0.01),
+    PlayerConfig(optimizer="adam", lr=0.05),
+    PlayerConfig(optimizer="adamw", lr=0.05, weight_decay=0.1),
+], ids=["sgd", "momentum", "adam", "adamw"])
+def test_unrolled_total_derivative_matches_finite_differences(follower):
+    steps = 4
+    game = quadratic(Unrolled(steps=steps), follower=follower, leader_dim=3, follower_dim=4)
+    # move the follower off its best response and give the optimiser some state (momentum, Adam moments)
+    with torch.no_grad():
+        game.follower.value.add_(0.5 * torch.randn(4, dtype=D))
+    for _ in range(2):
+        game.follower_step(game.follower_batch())
+    estimate = total_derivative(game)
+    theta = game.leader.value.detach().clone()
+    eps = 1e-6
+    fd = torch.stack([
+        torch.tensor((lookahead_objective(game, theta + eps * e, steps)
+                      - lookahead_objective(game, theta - eps * e, steps)) / (2 * eps), dtype=D)
+        for e in torch.eye(3, dtype=D)
+    ])
+    assert rel_error(estimate, fd) < 1e-6, (estimate, fd)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# FPO-relaxed = one-step unroll for a linear reward model with squared loss (gamma = 2 eta)
+# ---------------------------------------------------------------------------------------------------------
+
+class LinearRM(LeaderFollowerGame):
+    """Leader action y = theta; follower r_w(y) = w . y trained on (r - u(y))^2; the leader maximises r."""
+
+    def __init__(self, dim: int = 4, **kwargs):
+        super().__init__(**kwargs)
+        self.leader = nn.Linear(dim, 1, bias=False).double()
+        self.follower = nn.Linear(dim, 1, bias=False).double()
+        self.register_buffer("a", torch.randn(dim, dtype=D))
+
+    def leader_batch(self):
+        return {"y": self.leader.weight.view(1, -1)}  # a batch of one sample
+
+    def utility(self, y):
+        return y @ self.a + torch.sin(y).sum(-1)
+
+    def leader_values(self, batch, phi):
+        return self.follower_call(phi, batch["y"]).view(-1)
+
+    def follower_losses(self, batch, phi):
+        return (self.follower_call(phi, batch["y"]).view(-1) - self.utility(batch["y"])) ** 2
+
+    def follower_prediction(self, batch, phi):
+        r = self.follower_call(phi, batch["y"]).view(-1)
+        return r, r - self.utility(batch["y"])
+
+
+def test_fpo_relaxed_equals_one_step_unrolled_for_linear_rm():
+    eta = 0.03
+    torch.manual_seed(1)
+    fpo = LinearRM(estimator=FPO(variant="relaxed", weight=2 * eta),
+                   follower_config=PlayerConfig(optimizer="sgd", lr=eta))
+    unrolled = copy.deepcopy(fpo)
+    unrolled.estimator = Unrolled(steps=1)
+    a, b = total_derivative(fpo), total_derivative(unrolled)
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    # and the steering is not zero: the two derivations agree on a non-trivial number
+    plain = fpo.leader_gradients(fpo.leader_batch())[0]
+    assert rel_error(a, plain) > 1e-3
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Score-function steering agrees with pathwise steering within Monte-Carlo error
+# ---------------------------------------------------------------------------------------------------------
+
+def test_score_function_steering_matches_pathwise_within_mc_error():
+    n, noise = 20000, 0.5
+    games = {}
+    for path in ("pathwise", "score_function"):
+        torch.manual_seed(0)
+        games[path] = quadratic(ImplicitCG(tol=1e-12, max_iter=100), noise=noise, samples=n, path=path)
+    torch.manual_seed(3)
+    _, path_steer, _ = games["pathwise"].leader_gradients(games["pathwise"].leader_batch())
+    torch.manual_seed(4)
+    game = games["score_function"]
+    batch = game.leader_batch()
+    _, score_steer, steering = game.leader_gradients(batch)
+    # the score-function estimate is the mean of per-sample terms LOO(s)_i * grad log p(y_i); its standard
+    # error follows from their spread
+    theta = game.leader.value.detach()
+    s = game.steering_rewards(detach_batch(batch), steering)
+    terms = leave_one_out(s).unsqueeze(1) * (batch["y"] - theta) / noise ** 2
+    torch.testing.assert_close(terms.mean(0), score_steer, rtol=1e-10, atol=1e-12)
+    standard_error = terms.std(0) / math.sqrt(n)
+    # the pathwise estimate is exact here (s is linear in y), so 4 standard errors bound the difference
+    assert ((score_steer - path_steer).abs() <= 4 * standard_error).all(), (score_steer, path_steer,
+                                                                            standard_error)
+    assert path_steer.norm() > 10 * standard_error.norm()  # a real signal, not two noises that agree
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Warm start in checkpoints; solver failures; non-finite steering
+# ---------------------------------------------------------------------------------------------------------
+
+def test_implicit_warm_start_is_saved_and_restored():
+    game = quadratic(ImplicitCG(tol=1e-10, warm_start=True))
+    game.play(3)
+    assert game.estimator.previous is not None
+    checkpoint = {}
+    game.on_save_checkpoint(checkpoint)
+    path_state = copy.deepcopy(checkpoint)  # what torch.save/torch.load would carry
+    fresh = quadratic(ImplicitCG(tol=1e-10, warm_start=True))
+    assert fresh.estimator.previous is None
+    fresh.on_load_checkpoint(path_state)
+    torch.testing.assert_close(fresh.estimator.previous, game.estimator.previous, rtol=0, atol=0)
+    assert fresh.round == 3
+
+
+def indefinite(game: QuadraticGame) -> QuadraticGame:
+    """Give the follower an indefinite Hessian (half of A's eigenvalues negative)."""
+    eig, q = torch.linalg.eigh(game.A)
+    signs = torch.ones_like(eig)
+    signs[::2] = -1
+    game.A.copy_(q @ torch.diag(eig * signs) @ q.T)
+    return game
+
+
+def test_negative_curvature_skip_logs_failure_and_leaves_steering_out():
+    game = indefinite(quadratic(ImplicitCG(tol=1e-12, max_iter=50, on_failure="skip")))
+    before = game.leader.value.detach().clone()
+    history = game.play(1)
+    assert history[0]["solver/failed"] == 1.0
+    assert history[0]["steering/norm"] == 0.0
+    assert torch.isfinite(game.leader.value).all() and torch.isfinite(game.follower.value).all()
+    assert not torch.equal(game.leader.value.detach(), before)  # the plain gradient was still applied
+    assert game.estimator.previous is None  # a failed solve leaves no warm start behind
+
+
+def test_negative_curvature_raise_raises_solver_failure():
+    game = indefinite(quadratic(ImplicitCG(tol=1e-12, max_iter=50, on_failure="raise")))
+    with pytest.raises(SolverFailure, match="negative curvature"):
+        game.play(1)
+
+
+class NaNAdjoint(ImplicitCG):
+    """An estimator whose adjoint is broken: every entry NaN."""
+
+    name = "nan-adjoint"
+
+    def steer(self, problem):
+        return Steering(phi_eval=problem.phi, adjoints=[(problem.phi, torch.full_like(problem.phi, math.nan))])
+
+
+def test_nonfinite_steering_never_reaches_parameters():
+    broken = quadratic(NaNAdjoint())
+    torch.manual_seed(5)
+    reference = quadratic(NoSteering())
+    reference.load_state_dict(broken.state_dict())
+    history = broken.play(3)
+    reference.play(3)
+    assert all(row["steering/nonfinite"] == 1.0 for row in history)
+    for p in broken.parameters():
+        assert torch.isfinite(p).all()
+    # the leader moved exactly as a myopic leader would: the broken term was dropped, nothing else
+    torch.testing.assert_close(broken.leader.value, reference.leader.value, rtol=0, atol=0)
+    # and a game with a non-finite parameter refuses to write a checkpoint
+    with torch.no_grad():
+        broken.follower.value[0] = math.nan
+    with pytest.raises(RuntimeError, match="not finite"):
+        broken.on_save_checkpoint({})
