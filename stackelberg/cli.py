@@ -108,7 +108,12 @@ def bench(name: str, args: Sequence[str]) -> None:
     if name not in BENCHMARKS:
         raise UserError(f"unknown benchmark {name!r}; choose one of: {', '.join(BENCHMARKS)}")
     module_name, _, func = BENCHMARKS[name].partition(":")
-    module = importlib.import_module(module_name)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:  # outside a checkout the games are installed as stackelberg_games
+        if not module_name.startswith("games.") or exc.name not in ("games", module_name):
+            raise
+        module = importlib.import_module("stackelberg_games." + module_name[len("games."):])
     result = getattr(module, func)(list(args))
     print(json.dumps(result, indent=2))
 
