@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -41,6 +42,8 @@ from .oracle import build_scorer, win_rate
 from .task import bad_words, ensure_synthetic
 
 DATA = Path(__file__).resolve().parent / "data"
+# the players run in eval mode on purpose (see `train`); Lightning warns about it once per fit
+warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
 
 
 def read_prompts(path: str) -> List[str]:
@@ -345,12 +348,16 @@ class LLMRLHFGame(LeaderFollowerGame):
         phi = self.follower_flat().detach()
         gold = self.oracle(batch["prompt_text"], batch["text"]).float()
         proxy = self.reward(batch, phi).cpu()
+        proxy_margin = proxy - self.reward(batch, phi, "ref").cpu()
+        gold_margin = gold - self.oracle(batch["prompt_text"], batch["ref_text"]).float()
         judged = self.judge(batch["prompt_text"], batch["text"]).float()
         judged_ref = self.judge(batch["prompt_text"], batch["ref_text"]).float()
         metrics = {
             "eval/gold": gold.mean().item(),
             "eval/proxy": proxy.mean().item(),
-            "eval/gap": (proxy - gold).mean().item(),
+            "eval/proxy_margin": proxy_margin.mean().item(),
+            # soft BT labels train r(y) - r(y_ref) towards U(y) - U(y_ref): the gap is how far the RM overrates
+            "eval/gap": (proxy_margin - gold_margin).mean().item(),
             "eval/kl_to_ref": batch["kl"].mean().item(),
             "eval/length": batch["length"].mean().item(),
             "eval/win_rate_vs_ref": win_rate(judged, judged_ref),

@@ -19,6 +19,12 @@ import torch
 from torch import Tensor, nn
 
 
+def _quiet() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # no "Loading weights" bars in every run's output
+
+
 def _dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
@@ -29,6 +35,7 @@ def load_policy(path: str, dtype: str = "float32", lora: bool = False, lora_r: i
     """(policy, tokenizer) from a folder or hub id; LoRA adapters on `lora_targets` when `lora`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    _quiet()
     kwargs: Dict = {"dtype": _dtype(dtype)}
     if load_in_4bit:
         from transformers import BitsAndBytesConfig
@@ -64,6 +71,7 @@ def load_reward_model(path: str, train: str = "head", dtype: str = "float32"):
     """(reward model, tokenizer, head) from a folder or hub id; `train` = 'head' freezes all but the head."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    _quiet()
     model = AutoModelForSequenceClassification.from_pretrained(path, dtype=_dtype(dtype))
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.padding_side = "right"

@@ -166,7 +166,7 @@ def pretrain_policy(policy, tokenizer, steps: int = 300, batch: int = 64, seed: 
         loss.backward()
         opt.step()
     policy.eval()
-    return float(loss)
+    return loss.item()
 
 
 def pretrain_reward_head(model, tokenizer, steps: int = 300, batch: int = 64, seed: int = 0) -> float:
