@@ -266,3 +266,19 @@ def test_nonfinite_steering_never_reaches_parameters():
         broken.follower.value[0] = math.nan
     with pytest.raises(RuntimeError, match="not finite"):
         broken.on_save_checkpoint({})
+
+
+def test_bench_hypergrad_small_run_is_accurate():
+    """`stackelberg bench hypergrad` on a small ridge problem: JSON-ready, every estimator near the closed form."""
+    import json
+
+    from stackelberg.benchmarks.hypergrad import main
+
+    out = main(["--features", "30", "--train", "60", "--val", "60", "--repeats", "1", "--slow-repeats", "1",
+                "--neumann-terms", "10", "300", "--unroll-steps", "2", "150", "--rounds", "2", "--no-torchopt"])
+    json.dumps(out)
+    est = out["estimators"]
+    assert est["implicit-cg"]["rel_error"] < 1e-9
+    assert est["implicit-neumann/terms=300"]["rel_error"] < 1e-6 < est["implicit-neumann/terms=10"]["rel_error"]
+    assert est["unrolled/steps=150"]["rel_error"] < 1e-6 < est["unrolled/steps=2"]["rel_error"]
+    assert out["leader_trajectory"]["implicit-cg (warm start)"]["max_rel_error"] < 1e-9
