@@ -316,6 +316,7 @@ class LLMRLHFGame(LeaderFollowerGame):
             margin = r - self.reward(batch, phi, "ref")
             error = self.follower_prediction(batch, phi)[1]
         self._round_logs = {
+            **logs,
             "true/utility": batch["gold"].mean().item(),
             "proxy/reward": r.mean().item(),
             "proxy/margin_vs_ref": margin.mean().item(),
@@ -328,12 +329,17 @@ class LLMRLHFGame(LeaderFollowerGame):
             self._round_logs["task/bad_words"] = bad_words(batch["text"]).mean().item()
 
     def round_metrics(self) -> Dict[str, float]:
+        """This round's metrics, averaged over processes (so metrics.jsonl and summary.json see all ranks)."""
         metrics = dict(self._round_logs)
         metrics["rm/head_norm"] = self.follower_flat().detach().norm().item()
         c = self.config
         if self.round == 1 or self.round % c.eval_every == 0 or self.round == self.rounds:
             metrics.update(self.evaluate())
-        return metrics
+        self._local_metrics = metrics
+        keys = sorted(metrics)  # every process logs the same keys in the same rounds
+        values = self.all_reduce_mean(torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64,
+                                                   device=self.device))
+        return dict(zip(keys, values.tolist()))
 
     # ----------------------------------------------------------------------------------------------------
     # Evaluation on held-out prompts
@@ -385,7 +391,9 @@ class LLMRLHFGame(LeaderFollowerGame):
         if self.config.dump_state:
             Path(self.config.dump_state).mkdir(parents=True, exist_ok=True)
             state = {"policy": [p.detach().cpu() for p in self.leader_parameters],
-                     "rm": self.follower_flat().detach().cpu(), "round": self.round}
+                     "rm": self.follower_flat().detach().cpu(), "round": self.round,
+                     "local_metrics": dict(getattr(self, "_local_metrics", {})),
+                     "world_size": self.trainer.world_size if self._trainer is not None else 1}
             torch.save(state, Path(self.config.dump_state) / f"rank{self.global_rank}.pt")
 
     # ----------------------------------------------------------------------------------------------------
