@@ -282,3 +282,22 @@ def test_bench_hypergrad_small_run_is_accurate():
     assert est["implicit-neumann/terms=300"]["rel_error"] < 1e-6 < est["implicit-neumann/terms=10"]["rel_error"]
     assert est["unrolled/steps=150"]["rel_error"] < 1e-6 < est["unrolled/steps=2"]["rel_error"]
     assert out["leader_trajectory"]["implicit-cg (warm start)"]["max_rel_error"] < 1e-9
+
+
+def test_nonfinite_steering_in_a_trainer_run_leaves_finite_checkpoints(tmp_path, monkeypatch):
+    """Through the runner (Lightning Trainer, checkpoints every 2 rounds): logged, dropped, never saved."""
+    import json
+
+    from stackelberg import runner
+    from stackelberg.hypergrad import REGISTRY
+
+    monkeypatch.setitem(REGISTRY, "nan-adjoint", lambda config: NaNAdjoint())  # removed after the test
+    out = tmp_path / "run"
+    runner.run("quadratic/noisy", ["estimator.name=nan-adjoint", "rounds=4", "trainer.rounds_per_epoch=2",
+                                   f"output_dir={out}"], quiet=True)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all(r["steering/nonfinite"] == 1.0 for r in rows)
+    checkpoint = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert checkpoint["stackelberg"]["round"] == 4
+    for name, value in checkpoint["state_dict"].items():
+        assert torch.isfinite(value).all(), name
