@@ -401,14 +401,42 @@ class LLMRLHFGame(LeaderFollowerGame):
     # ----------------------------------------------------------------------------------------------------
 
     @classmethod
+    def figures(cls, history: Dict[str, List[float]]) -> Dict[str, Any]:
+        """The training metrics against the round, and the held-out evaluations at the rounds they ran."""
+        import matplotlib.pyplot as plt
+
+        from stackelberg import plots
+
+        train = [k for k in history if k != "round" and not k.startswith("eval/")]
+        evals = [k for k in history if k.startswith("eval/")]
+        figures = {"metrics": plots.metric_grid(history, train, title=cls.__name__)}
+        if evals:
+            cols = min(3, len(evals))
+            rows = math.ceil(len(evals) / cols)
+            fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.8 * rows), squeeze=False)
+            for ax, key in zip(axes.flat, evals):
+                sub = _finite(history, key)
+                ax.plot(sub["round"], sub[key], marker="o", ms=3, lw=1)
+                ax.set_title(key, fontsize=9)
+                ax.set_xlabel("round", fontsize=8)
+            for ax in list(axes.flat)[len(evals):]:
+                ax.axis("off")
+            fig.tight_layout()
+            figures["eval"] = fig
+        return figures
+
+    @classmethod
     def comparison_figures(cls, groups):
         """Per-metric comparisons, plus one figure with gold utility and proxy reward over rounds per variant."""
         import matplotlib.pyplot as plt
 
         from stackelberg import plots
 
-        figures = plots.comparison(groups, ["true/utility", "proxy/reward", "policy/kl_to_ref", "eval/gold",
-                                            "eval/proxy", "task/bad_words", "eval/win_rate_vs_ref"])
+        figures = plots.comparison(groups, ["true/utility", "proxy/reward", "policy/kl_to_ref", "task/bad_words"])
+        evals = ["eval/gold", "eval/proxy_margin", "eval/gap", "eval/kl_to_ref", "eval/win_rate_vs_ref"]
+        for key in evals:
+            finite = {label: [_finite(h, key) for h in runs if key in h] for label, runs in groups.items()}
+            figures.update(plots.comparison(finite, [key]))
         fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
         for ax, key in zip(axes, ("true/utility", "proxy/reward")):
             for label, runs in groups.items():
@@ -420,6 +448,12 @@ class LLMRLHFGame(LeaderFollowerGame):
         fig.tight_layout()
         figures["gold_and_proxy"] = fig
         return figures
+
+
+def _finite(history: Dict[str, List[float]], key: str) -> Dict[str, List[float]]:
+    """The rounds at which `key` was measured, and its values there (evaluations run every N rounds)."""
+    pairs = [(r, v) for r, v in zip(history.get("round", []), history.get(key, [])) if math.isfinite(v)]
+    return {"round": [r for r, _ in pairs], key: [v for _, v in pairs]}
 
 
 def _smooth(history: Dict[str, List[float]], key: str, width: int = 25) -> Dict[str, List[float]]:
