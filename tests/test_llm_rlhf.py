@@ -162,3 +162,34 @@ def test_ddp_two_processes_end_identical_with_reduced_metrics(checkpoints, tmp_p
     for key in differing:
         assert final[key] == pytest.approx((local[0][key] + local[1][key]) / 2, rel=1e-6, abs=1e-6)
     assert (run / "final_answers.jsonl").is_file()
+
+
+def test_lora_policy_encoder_rm_and_reference_oracle(checkpoints, tmp_path):
+    """The GPU recipe's code paths on tiny models: LoRA policy (reference = adapters off), an encoder RM whose
+    head has a bias (deberta), the paper's reference log-likelihood oracle."""
+    from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
+
+    from games.llm_rlhf.task import PAD, VOCAB, make_tokenizer
+
+    config = DebertaV2Config(vocab_size=len(VOCAB), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                             intermediate_size=32, pooler_hidden_size=16, num_labels=1, pad_token_id=PAD,
+                             max_position_embeddings=64)
+    DebertaV2ForSequenceClassification(config).save_pretrained(tmp_path / "deberta")
+    make_tokenizer("reward").save_pretrained(tmp_path / "deberta")
+    game = make_game(checkpoints, f"game.reward_model={tmp_path / 'deberta'}", "game.lora=true", "game.lora_r=4",
+                     "game.lora_alpha=8", "game.oracle=ref-loglik", "game.judge=ref-loglik", "game.eval_every=2",
+                     "estimator.variant=practical")
+    assert game.reference is None and game.head.bias is not None
+    assert all("lora" in n for n, p in game.leader.named_parameters() if p.requires_grad)
+    batch = game.label(game.leader_batch())
+    assert batch["y_feats"].shape[1] == 17  # 16 features and the bias's constant 1
+    assert ((batch["gold"] >= -15) & (batch["gold"] <= 5)).all()
+    fn = lambda p: game.follower_prediction(batch, p)[0]  # noqa: E731
+    phi = game.follower_flat().detach()
+    assert torch.allclose(game.per_sample_grads(fn, phi), linalg.per_sample_grads(fn, phi), atol=1e-5)
+    lora0, rm0 = _flat(game.leader_parameters), _flat(game.follower_parameters)
+    history = game.play(2)
+    assert not torch.equal(lora0, _flat(game.leader_parameters))
+    assert not torch.equal(rm0, _flat(game.follower_parameters))
+    assert all(math.isfinite(v) for v in history[-1].values())
+    assert history[0]["policy/kl_to_ref"] == pytest.approx(0.0, abs=1e-5)  # LoRA starts as the identity
