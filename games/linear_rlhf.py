@@ -132,8 +132,10 @@ class LinearRLHF(LeaderFollowerGame):
         from stackelberg import plots
 
         c = cls.Config()
+        groups = ordered(groups)
         colors = _colors(groups)
-        figures = {}
+        widths = {label: 3.2 if label.endswith("rlhf") else 1.6 for label in groups}  # fpo-practical runs on
+        figures = {}                                                                     # rlhf's ray
 
         # Phase plot over the best utility reachable at each (noise, signal) magnitude: the signal part aligned
         # with y*, so ||y - y*||^2 = (s - ||y*||)^2 + n^2.
@@ -147,7 +149,7 @@ class LinearRLHF(LeaderFollowerGame):
         fig.colorbar(contour, ax=ax, label="true utility (best at this magnitude)")
         for label, runs in groups.items():
             h = runs[0]
-            ax.plot(h["noise/magnitude"], h["signal/magnitude"], color=colors[label], lw=1.6, label=label)
+            ax.plot(h["noise/magnitude"], h["signal/magnitude"], color=colors[label], lw=widths[label], label=label)
             ax.plot(h["noise/magnitude"][-1], h["signal/magnitude"][-1], "o", color=colors[label], ms=5)
         ax.plot(0, 0, "ks", ms=7, label="start")
         ax.plot(0, ideal_signal, "*", color="gold", mec="k", ms=14, label="human ideal")
@@ -173,6 +175,15 @@ class LinearRLHF(LeaderFollowerGame):
             fig.tight_layout()
             figures[name] = fig
         return figures
+
+
+VARIANTS = ("rlhf", "fpo-practical", "fpo-relaxed", "unrolled", "implicit-cg", "implicit-neumann")
+
+
+def ordered(groups: Dict[str, list]) -> Dict[str, list]:
+    """The groups in the paper's order (rlhf, fpo-practical, fpo-relaxed, then the exact estimators)."""
+    rank = {v: i for i, v in enumerate(VARIANTS)}
+    return dict(sorted(groups.items(), key=lambda kv: (rank.get(kv[0].split("/")[-1], len(rank)), kv[0])))
 
 
 def _colors(groups) -> Dict[str, str]:

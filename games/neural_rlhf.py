@@ -21,6 +21,7 @@ from typing import Any, Dict, List
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from stackelberg import LeaderFollowerGame, power_schedule
 from stackelberg.config import doc
@@ -97,8 +98,23 @@ class NeuralRLHF(LeaderFollowerGame):
         return power_schedule(c.sigma, c.sigma_final, c.sigma_power, self.round, self.rounds)
 
     def reward(self, phi: Tensor, y: Tensor) -> Tensor:
-        """r_phi(y) for actions y [n, dim], shape [n]."""
-        return self.follower_call(phi, y).squeeze(-1)
+        """r_phi(y) for actions y [n, dim], shape [n]: the follower MLP computed from the flat vector phi.
+
+        The same function as self.follower_call(phi, y), written out: functional_call swaps the module's
+        parameters in and out on every call, which costs more than this small network's arithmetic
+        (tests/test_neural_rlhf.py checks that both agree).
+        """
+        cache = self._step_cache  # within a leader step, r at the same (phi, y) is computed once
+        key = ("reward", id(phi), id(y))
+        if cache is not None and key in cache:
+            return cache[key][2]
+        p = self.follower_map.unflatten(phi)
+        h = F.softplus(F.linear(y, p["0.weight"], p["0.bias"]))
+        h = F.softplus(F.linear(h, p["2.weight"], p["2.bias"]))
+        r = F.linear(h, p["4.weight"], p["4.bias"]).squeeze(-1)
+        if cache is not None:
+            cache[key] = (phi, y, r)  # holding phi and y keeps their ids from being reused within the step
+        return r
 
     # --- the hooks -------------------------------------------------------------------------------------
     def leader_batch(self):
@@ -122,31 +138,35 @@ class NeuralRLHF(LeaderFollowerGame):
         """grad_phi of per-sample values, by one create_graph backward pass when the batch is one sample.
 
         The fpo estimator asks for grad_phi j and grad_phi o in each leader step. Here both are grad_phi r(y)
-        (the action cost does not depend on phi), so the first answer is kept for the rest of the step, and for
-        the one-sample leader batch a plain backward pass replaces jacrev's vmap: together a 2x cheaper step
-        (tests/test_neural_rlhf.py checks both against the generic Jacobian).
+        (the action cost does not depend on phi), so the first answer serves the whole step; and for the
+        one-sample leader batch a plain backward pass replaces jacrev's vmap. `phi` is the step's own detached
+        copy of the follower's parameters, so marking it as requiring grad lets the forward pass made here serve
+        the step's other uses of r(y) too (see `reward`). tests/test_neural_rlhf.py checks the results against
+        the generic Jacobian.
         """
-        cached = self._grad_cache.get(id(phi)) if self._grad_cache is not None else None
-        if cached is not None:
-            return cached
-        p = phi.detach().requires_grad_(True)
+        cache = self._step_cache
+        if cache is None or not phi.is_leaf:
+            return super().per_sample_grads(values, phi)
+        key = ("grad", id(phi))
+        if key in cache:
+            return cache[key][1]
+        phi.requires_grad_(True)
         with torch.enable_grad():
-            out = values(p)
+            out = values(phi)
             if out.shape[0] != 1:
                 return super().per_sample_grads(values, phi)
-            rows = torch.autograd.grad(out.sum(), p, create_graph=True)[0].unsqueeze(0)
-        if self._grad_cache is not None:
-            self._grad_cache[id(phi)] = rows
+            rows = torch.autograd.grad(out.sum(), phi, create_graph=True)[0].unsqueeze(0)
+        cache[key] = (phi, rows)  # holding phi keeps its id from being reused within the step
         return rows
 
-    _grad_cache = None
+    _step_cache = None
 
     def leader_gradients(self, batch):
-        self._grad_cache = {}  # one leader step: every per-sample gradient asked for is grad_phi r at this phi
+        self._step_cache = {}  # lives for one leader step: the follower's phi does not change within it
         try:
             return super().leader_gradients(batch)
         finally:
-            self._grad_cache = None
+            self._step_cache = None
 
     def follower_batch(self):
         """5 fresh labelled policy samples join the FIFO buffer; the RM trains on the whole buffer."""
@@ -195,10 +215,11 @@ class NeuralRLHF(LeaderFollowerGame):
         of the policy mean (first seed), and the all-seed utility plot (mean and min-max band per variant)."""
         import matplotlib.pyplot as plt
 
-        from games.linear_rlhf import _colors
+        from .linear_rlhf import _colors, ordered
         from stackelberg import plots
 
         c = cls.Config()
+        groups = ordered(groups)
         colors = _colors(groups)
         figures = {}
 
