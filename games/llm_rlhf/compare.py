@@ -78,22 +78,40 @@ def win_rates(run_dirs: Sequence[Path], judge: Optional[str] = None) -> Dict[str
         if best:
             row["best true/utility"] = {"mean": statistics.fmean(best),
                                         "std": statistics.stdev(best) if len(best) > 1 else 0.0}
+        curves = [_eval_curve(r) for r in runs]
+        curves = [c for c in curves if c]
+        if curves:
+            row["first eval/gold"] = _stats([c[0][1] for c in curves])
+            row["peak eval/gold"] = _stats([max(v for _, v in c) for c in curves])
+            row["peak round"] = _stats([max(c, key=lambda rv: rv[1])[0] for c in curves])
         row["wall_time_s"] = [s.get("wall_time_s") for s in summaries]
         variants[name] = row
     return {"variants": variants, "win_rates": rates}
 
 
+def _stats(values: List[float]) -> Dict[str, float]:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
+def _eval_curve(run: Path) -> List[tuple]:
+    """(round, eval/gold) at every evaluation of a run."""
+    from stackelberg.callbacks import read_metrics
+
+    return [(row["round"], row["eval/gold"]) for row in read_metrics(run) if "eval/gold" in row]
+
+
 def markdown(result: Dict[str, object]) -> str:
     """The comparison as two markdown tables."""
     variants = result["variants"]
-    keys = [*TABLE_KEYS, "best true/utility"]
-    lines = ["| variant | seeds | " + " | ".join(keys) + " |", "|---" * (len(keys) + 2) + "|"]
+    keys = ["first eval/gold", "peak eval/gold", "peak round", *TABLE_KEYS, "best true/utility"]
+    lines = ["| variant | seeds | " + " | ".join(keys) + " | longest run (s) |", "|---" * (len(keys) + 3) + "|"]
     for name, row in variants.items():
         cells = []
         for key in keys:
             cell = row.get(key)
             cells.append(f"{cell['mean']:.2f} ± {cell['std']:.2f}" if isinstance(cell, dict) else "")
-        lines.append(f"| {name} | {len(row['seeds'])} | " + " | ".join(cells) + " |")
+        wall = max((w for w in row["wall_time_s"] if w is not None), default=float("nan"))
+        lines.append(f"| {name} | {len(row['seeds'])} | " + " | ".join(cells) + f" | {wall:.0f} |")
     names = list(variants)
     lines += ["", "| win rate of row vs column | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for a in names:
