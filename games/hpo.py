@@ -80,7 +80,8 @@ class Classifier(nn.Module):
 
 
 class HPOGame(LeaderFollowerGame):
-    """Per-feature L2 penalties (leader) against a softmax classifier (follower); see the module docstring."""
+    """Hyperparameter optimisation: per-feature L2 penalties (leader) tuned on the validation loss of a softmax
+    classifier (follower) fitted on a training split; scikit-learn's bundled data."""
 
     best_metrics = {"val/loss": "min", "test/accuracy": "max"}
     progress_metrics = ("val/loss", "test/accuracy")
