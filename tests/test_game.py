@@ -127,3 +127,18 @@ def test_docstring_example_plays():
     game = namespace["game"]
     history = game.play(5)
     assert all(math.isfinite(v) for row in history for v in row.values())
+
+
+def test_pathwise_steering_inner_equals_mean_of_per_sample_rewards():
+    """The pathwise surrogate (one reverse-mode gradient) and the per-sample JVP rewards: same value and theta-grad."""
+    game = quadratic(noise=0.3, samples=6)
+    game.play(1)
+    phi = game.follower_flat().detach()
+    v = torch.randn_like(phi)
+    batch = game.leader_batch()
+    inner = game._steering_inner(batch, phi, v)
+    rewards = game._steering_rewards(batch, phi, v).mean()
+    torch.testing.assert_close(inner, rewards, rtol=1e-12, atol=1e-14)
+    (g_inner,) = torch.autograd.grad(inner, game.leader_parameters, retain_graph=True)
+    (g_rewards,) = torch.autograd.grad(rewards, game.leader_parameters)
+    torch.testing.assert_close(g_inner, g_rewards, rtol=1e-12, atol=1e-14)
