@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
 import torch
 
 from games.quadratic import QuadraticGame
@@ -37,14 +38,16 @@ class DumpingGame(QuadraticGame):
                        Path(folder) / f"rank{self.global_rank}.pt")
 
 
-def test_ddp_two_processes_end_identical(tmp_path):
+@pytest.mark.parametrize("recipe", ["quadratic/noisy", "quadratic/score-function"])
+def test_ddp_two_processes_end_identical(recipe, tmp_path):
+    """Pathwise (noisy actions) and score-function (sampled actions, per-sample steering rewards) under DDP."""
     from conftest import REPO, run_cli
 
     dump = tmp_path / "dump"
     dump.mkdir()
     env = {DUMP_ENV: str(dump), "PYTHONPATH": os.pathsep.join([str(HERE), str(REPO),
                                                                 os.environ.get("PYTHONPATH", "")])}
-    result = run_cli("run", "quadratic/noisy", "game.name=test_ddp:DumpingGame", "rounds=12",
+    result = run_cli("run", recipe, "game.name=test_ddp:DumpingGame", "rounds=12",
                      "trainer.rounds_per_epoch=6", "trainer.strategy=ddp", "trainer.devices=2",
                      "trainer.accelerator=cpu", "trainer.progress_bar=false", f"output_dir={tmp_path / 'run'}",
                      env=env, timeout=240)
