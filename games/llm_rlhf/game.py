@@ -217,8 +217,9 @@ class LLMRLHFGame(LeaderFollowerGame):
 
     def reward(self, batch: Dict[str, Any], phi: Tensor, which: str = "y") -> Tensor:
         """The RM's reward r_phi of the answers (which='y') or of their reference answers (which='ref')."""
-        if self.head_only:
-            return batch[f"{which}_feats"] @ phi  # linear head: phi = [w, b] against [features, 1]
+        if self.head_only:  # linear head: phi = [w, b] against [features, 1]; a stack of K phis gives [K, n]
+            feats = batch[f"{which}_feats"]
+            return feats @ phi if phi.dim() == 1 else phi @ feats.T
         out = self.follower_call(phi, input_ids=batch[f"{which}_ids"], attention_mask=batch[f"{which}_mask"])
         return out.logits.view(-1).float()
 
@@ -268,8 +269,8 @@ class LLMRLHFGame(LeaderFollowerGame):
         With a linear head every function of phi the game exposes (reward, reward minus KL, reward margin against
         the reference) is affine in phi, values(phi) = J phi + c, and row i of J is the head's input features of
         the answers that value reads (e.g. f(y_i) - f(y_ref) for the BT margin). J is read off exactly from
-        the values at the unit vectors, J[:, k] = values(e_k) - values(0): one batched matmul over the
-        cached features, no backward pass and no loop over candidates.
+        the values at the unit vectors, J[:, k] = values(e_k) - values(0): `reward` takes the stack of probes at
+        once, so this is one matmul over the cached features, no backward pass and no loop over candidates.
         """
         if not self.head_only:
             return super().per_sample_grads(values, phi)
@@ -277,7 +278,9 @@ class LLMRLHFGame(LeaderFollowerGame):
         probes = torch.cat([torch.zeros(1, size, dtype=phi.dtype, device=phi.device),
                             torch.eye(size, dtype=phi.dtype, device=phi.device)])
         with torch.no_grad():
-            out = torch.func.vmap(values)(probes)  # [1 + P, n]
+            out = values(probes)  # [1 + P, n]: the game's values broadcast over a stack of phis
+            if out.dim() != 2 or out.shape[0] != size + 1:  # a value that does not broadcast: map it instead
+                out = torch.func.vmap(values)(probes)
         return (out[1:] - out[:1]).T.contiguous()
 
     def leader_step(self, batch: Dict[str, Any]) -> Dict[str, float]:
