@@ -73,13 +73,16 @@ def _type(f: dataclasses.Field) -> str:
     return f"`{t}`"
 
 
-def rows(cls: type, prefix: str, problems: List[str], where: str) -> List[str]:
-    """Markdown table rows (key, type, default, meaning) of a config dataclass; nested sections are skipped."""
+def rows(cls: type, prefix: str, problems: List[str], where: str, nested: bool = True) -> List[str]:
+    """Markdown table rows (key, type, default, meaning) of a config dataclass. A nested dataclass field is a
+    section: its keys follow under `prefix.field.` (or, with nested=False, it is left to a table of its own)."""
     out = []
     for f in dataclasses.fields(cls):
         default = _default(f)
         if dataclasses.is_dataclass(default):
-            continue  # a section: documented in its own table
+            if nested:
+                out += rows(type(default), f"{prefix}{f.name}.", problems, where)
+            continue
         help_text = f.metadata.get("help", "").strip()
         if not help_text:
             problems.append(f"{where}: key {prefix}{f.name} has no help text")
@@ -115,7 +118,7 @@ def render() -> Tuple[str, List[str]]:
     """The text of docs/recipes.md and the problems found (import failures, keys without help)."""
     problems: List[str] = []
     lines = [INTRO]
-    lines += table("Top level", "Keys at the top of a recipe.", rows(RunConfig, "", problems, "RunConfig"))
+    lines += table("Top level", "Keys at the top of a recipe.", rows(RunConfig, "", problems, "RunConfig", nested=False))
     lines += table("`estimator`", (EstimatorConfig.__doc__ or "").strip() + " See docs/concepts.md for what "
                    "each estimator computes and costs.", rows(EstimatorConfig, "estimator.", problems,
                                                                 "EstimatorConfig"))

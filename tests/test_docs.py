@@ -53,14 +53,20 @@ def test_reference_flags_an_undocumented_key():
     from dataclasses import dataclass, field
 
     @dataclass
+    class Inner:
+        hidden: int = 3
+
+    @dataclass
     class Config:
         documented: int = field(default=1, metadata={"help": "yes"})
         silent: int = 2
+        section: Inner = field(default_factory=Inner, metadata={"help": "a nested section"})
 
     problems: list = []
     lines = make_reference.rows(Config, "game.", problems, "example")
-    assert problems == ["example: key game.silent has no help text"]
-    assert any("**undocumented**" in line for line in lines)
+    assert problems == ["example: key game.silent has no help text",
+                        "example: key game.section.hidden has no help text"]
+    assert sum("**undocumented**" in line for line in lines) == 2
 
 
 def test_tutorial_is_at_most_80_lines():
