@@ -96,3 +96,14 @@ def test_tutorial_game_runs_with_stackelberg_run(tutorial_module, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rounds"] == 5 and math.isfinite(summary["final"]["student/error"])
     assert "tutorial_game:Game" in (out / "config.yaml").read_text()
+
+
+def test_reference_reports_a_game_that_fails_to_import(tmp_path, monkeypatch):
+    import games
+
+    (tmp_path / "broken_game.py").write_text("raise ImportError('needs a package that is not installed')\n")
+    monkeypatch.setattr(games, "__path__", [*games.__path__, str(tmp_path)])
+    found, errors = make_reference.discover_games()
+    sys.modules.pop("games.broken_game", None)
+    assert errors == ["games.broken_game: cannot import (ImportError: needs a package that is not installed)"]
+    assert "hpo" in dict(found)  # the other games are still listed
