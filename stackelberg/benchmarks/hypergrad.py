@@ -21,7 +21,7 @@ What to expect: on one cold solve both sides run conjugate gradients on the same
 each Hessian-vector product being two passes over X, so they need the same number of products (give or take one)
 and take about the same time; the JSON counts the products of each. The framework's advantage shows where it is
 used, round after round: `leader_trajectory` moves the leader a little each round and lets implicit-cg start
-from the previous round's solution (its default), while TorchOpt's adjoint solve starts from zero every time.
+from its previous rounds' solutions (its default), while TorchOpt's adjoint solve starts from zero every time.
 
     stackelberg bench hypergrad                                 # 2,000 features, 4,000 + 4,000 rows
     stackelberg bench hypergrad --features 200 --train 400 --val 400 --repeats 3     # a quick run
@@ -208,8 +208,10 @@ def _rounds(game: RidgeGame, opts: argparse.Namespace, follower_gradient: Callab
 
     Each round the leader takes an ascent step along the exact hypergradient, scaled so that every
     regularisation weight changes by at most `--round-step` (relative), and the follower is re-solved (not
-    timed). implicit-cg keeps its warm start from the previous round (the framework's default); TorchOpt's
-    `solve_cg` starts from zero (its default). Same tolerance, calls interleaved; the first round, cold for
+    timed). implicit-cg keeps its warm start from the previous rounds (the framework's default: the best
+    combination of the last two solutions); TorchOpt's `solve_cg` starts from zero (its default, and its
+    custom_root keeps no adjoint between calls). Same tolerance; each round's calls are repeated
+    `--round-repeats` times, interleaved, ours always from the same warm start; the first round, cold for
     both, is not counted.
     """
     cg = ImplicitCG(tol=opts.tol, max_iter=opts.max_iter, warm_start=True)
@@ -224,19 +226,31 @@ def _rounds(game: RidgeGame, opts: argparse.Namespace, follower_gradient: Callab
             w_star = game.best_response()
             game.follower.value.copy_(w_star)
             exact = game.exact_hypergradient()
-        fns = [follower_gradient, _framework_estimate(game, cg, cold=False)]
+        ours = _framework_estimate(game, cg, cold=False)
+        fns = [follower_gradient, ours]
         if opts.torchopt_available:
             fns.append(_torchopt_estimate(game, w_star, opts.tol, opts.max_iter))
-        for i, fn in enumerate(fns):
-            start = time.perf_counter()
-            out = fn()
-            if r > 0:
-                times[i].append(time.perf_counter() - start)
-            if i == 1:
-                iterations.append(int(out["diagnostics"]["solver/iterations"]))
-                out = out["gradient"]
-            if i > 0 and r > 0:
-                errors[i - 1].append(_relative_error(out, exact))
+        # repeat each round's calls (interleaved), every repeat of ours starting from the same warm start
+        warm = cg.state_dict()
+        repeats = 1 if r == 0 else opts.round_repeats
+        round_times: List[List[float]] = [[] for _ in fns]
+        for _ in range(repeats):
+            for i, fn in enumerate(fns):
+                if fn is ours:
+                    cg.load_state_dict(warm)
+                start = time.perf_counter()
+                out = fn()
+                round_times[i].append(time.perf_counter() - start)
+                if fn is ours:
+                    solved = out
+        if r == 0:
+            continue  # cold for both: not counted
+        for i, t in enumerate(round_times):
+            times[i].append(statistics.median(t))
+        iterations.append(int(solved["diagnostics"]["solver/iterations"]))
+        errors[0].append(_relative_error(solved["gradient"], exact))
+        if opts.torchopt_available:
+            errors[1].append(_relative_error(out, exact))
     grad_time = statistics.median(times[0])
     result: Dict[str, Any] = {
         "rounds": opts.rounds, "round_step": opts.round_step,
@@ -271,6 +285,7 @@ def main(args: List[str]) -> Dict[str, Any]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-torchopt", action="store_true", help="skip TorchOpt even if it is installed")
     parser.add_argument("--rounds", type=int, default=5, help="rounds of the leader-trajectory comparison (0: skip)")
+    parser.add_argument("--round-repeats", type=int, default=3, help="timed repeats of each trajectory round")
     parser.add_argument("--round-step", type=float, default=0.01,
                         help="each round, the largest relative change of a regularisation weight")
     opts = parser.parse_args(args)
