@@ -193,3 +193,26 @@ def test_lora_policy_encoder_rm_and_reference_oracle(checkpoints, tmp_path):
     assert not torch.equal(rm0, _flat(game.follower_parameters))
     assert all(math.isfinite(v) for v in history[-1].values())
     assert history[0]["policy/kl_to_ref"] == pytest.approx(0.0, abs=1e-5)  # LoRA starts as the identity
+
+
+def test_resume_follows_the_uninterrupted_trajectory(checkpoints, tmp_path):
+    from stackelberg import runner
+
+    common = [f"game.synthetic_dir={checkpoints}", "game.eval_every=2", "trainer.rounds_per_epoch=2"]
+    runner.run("llm/smoke", [*common, "rounds=3", f"output_dir={tmp_path / 'straight'}"], quiet=True)
+    runner.run("llm/smoke", [*common, "rounds=2", f"output_dir={tmp_path / 'resumed'}"], quiet=True)
+    runner.resume(str(tmp_path / "resumed"), ["rounds=3"], quiet=True)
+    straight = (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()
+    resumed = (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
+    assert len(straight) == 3 and straight == resumed
+
+
+def test_prompts_from_jsonl_or_text(tmp_path):
+    from games.llm_rlhf.game import read_prompts
+
+    (tmp_path / "p.jsonl").write_text('{"prompt": "n1 n2"}\n\n{"prompt": "n3"}\n')
+    (tmp_path / "p.txt").write_text("n1 n2\nn3\n")
+    assert read_prompts(str(tmp_path / "p.jsonl")) == read_prompts(str(tmp_path / "p.txt")) == ["n1 n2", "n3"]
+    assert len(read_prompts("synthetic_eval.jsonl")) == 32  # a bare name reads the package's data folder
+    with pytest.raises(ValueError, match="prompt file not found"):
+        read_prompts(str(tmp_path / "missing.jsonl"))
