@@ -134,8 +134,11 @@ class LLMRLHFGame(LeaderFollowerGame):
             lora_targets=c.lora_targets, load_in_4bit=c.load_in_4bit)
         # with LoRA the reference is the base model (adapters off); otherwise a frozen copy
         self.reference = None if c.lora else models.frozen_copy(self.leader)
+        # a head-only RM stays in float32: its frozen backbone only runs forward, and a bf16 head would round
+        # away the small steps of its optimiser
+        rm_dtype = c.dtype if c.rm_train == "all" else "float32"
         self.follower, self.rm_tokenizer, self.head = models.load_reward_model(rm_path, train=c.rm_train,
-                                                                               dtype=c.dtype)
+                                                                               dtype=rm_dtype)
         self.head_only = c.rm_train == "head"
         self.train_prompts = read_prompts(c.prompts)
         if c.max_prompts > 0:
@@ -152,6 +155,7 @@ class LLMRLHFGame(LeaderFollowerGame):
     # ----------------------------------------------------------------------------------------------------
 
     def train(self, mode: bool = True):
+        """Lightning's train() would switch dropout on; the players stay in eval mode."""
         super().train(mode)
         for module in self.children():
             module.eval()
@@ -228,11 +232,13 @@ class LLMRLHFGame(LeaderFollowerGame):
     # ----------------------------------------------------------------------------------------------------
 
     def leader_batch(self) -> Dict[str, Any]:
+        """`prompts_per_round` random training prompts, n policy answers each and one reference answer."""
         c = self.config
         idx = torch.randint(len(self.train_prompts), (c.prompts_per_round,)).tolist()
         return self._answers([self.train_prompts[i] for i in idx], c.candidates, with_graph=c.update == "rloo")
 
     def label(self, batch: Dict[str, Any]) -> Dict[str, Any]:
+        """The oracle's utility of every answer and of its reference answer, and the RM's target label."""
         gold = self.oracle(batch["prompt_text"], batch["text"]).float().to(self.device)
         gold_ref = self.oracle(batch["prompt_text"], batch["ref_text"]).float().to(self.device)
         if self.config.follower_loss == "bt-hard":
@@ -242,12 +248,14 @@ class LLMRLHFGame(LeaderFollowerGame):
         return {**batch, "gold": gold, "gold_ref": gold_ref, "target": target}
 
     def leader_values(self, batch: Dict[str, Any], phi: Tensor) -> Tensor:
+        """The RM's reward of each answer, minus kl_coef times its log-ratio to the reference."""
         values = self.reward(batch, phi)
         if self.config.kl_coef:
             values = values - self.config.kl_coef * batch["kl"]
         return values
 
     def follower_prediction(self, batch: Dict[str, Any], phi: Tensor):
+        """(r(y) - r(y_ref), sigmoid of it - label) for BT; (r(y), r(y) - U(y)) for regression."""
         if self.config.follower_loss == "regression":
             r = self.reward(batch, phi)
             return r, r - batch["gold"]
@@ -255,12 +263,14 @@ class LLMRLHFGame(LeaderFollowerGame):
         return o, torch.sigmoid(o) - batch["target"]
 
     def follower_losses(self, batch: Dict[str, Any], phi: Tensor) -> Tensor:
+        """Per-answer RM loss: BT cross-entropy against the (soft or hard) label, or squared error to U."""
         if self.config.follower_loss == "regression":
             return (self.reward(batch, phi) - batch["gold"]) ** 2
         o = self.reward(batch, phi) - self.reward(batch, phi, "ref")
         return F.binary_cross_entropy_with_logits(o, batch["target"], reduction="none")
 
     def follower_batch(self) -> Dict[str, Any]:
+        """What the leader step chose for the RM: the winners (bestofn) or every candidate (rloo)."""
         return self._follower_data
 
     def per_sample_grads(self, values: Callable[[Tensor], Tensor], phi: Tensor) -> Tensor:
@@ -284,6 +294,7 @@ class LLMRLHFGame(LeaderFollowerGame):
         return (out[1:] - out[:1]).T.contiguous()
 
     def leader_step(self, batch: Dict[str, Any]) -> Dict[str, float]:
+        """(b) rloo: the core's policy-gradient step. (a) bestofn: best candidate by score, SFT step on it."""
         if self.config.update == "rloo":
             logs = super().leader_step(batch)
             self._follower_data = detach_batch(batch)  # the RM learns from every candidate
