@@ -98,16 +98,17 @@ class ImplicitCG(_Implicit):
                   if x is not None and x.shape == rhs.shape and x.dtype == rhs.dtype]
         if len(usable) < 2:
             return usable[0] if usable else None
-        V = torch.stack(usable, 1)
-        AV = torch.stack([hvp(x) + self.damping * x for x in usable], 1)
-        G = V.T @ AV
-        G = 0.5 * (G + G.T)
-        scale = G[0, 0] * G[1, 1]
-        if not (torch.isfinite(G).all() and G[0, 0] > 0 and G[1, 1] > 0
-                and torch.linalg.det(G) > torch.finfo(G.dtype).eps ** 0.5 * scale):
-            return usable[0]
-        x0 = V @ torch.linalg.solve(G, V.T @ rhs)
-        return x0 if torch.isfinite(x0).all() else usable[0]
+        # the 2x2 system by hand, from dot products: tiny matrix calls can cost more than a product here
+        x1, x2 = usable
+        a1, a2 = hvp(x1) + self.damping * x1, hvp(x2) + self.damping * x2
+        g11, g22, g12 = x1.dot(a1), x2.dot(a2), 0.5 * (x1.dot(a2) + x2.dot(a1))
+        b1, b2 = x1.dot(rhs), x2.dot(rhs)
+        det = g11 * g22 - g12 * g12
+        if not (torch.isfinite(det) and g11 > 0 and g22 > 0
+                and det > torch.finfo(rhs.dtype).eps ** 0.5 * g11 * g22):
+            return x1
+        x0 = ((g22 * b1 - g12 * b2) / det) * x1 + ((g11 * b2 - g12 * b1) / det) * x2
+        return x0 if torch.isfinite(x0).all() else x1
 
     def forget(self) -> None:
         self.previous = self.older = None
