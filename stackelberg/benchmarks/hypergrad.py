@@ -267,6 +267,7 @@ def _rounds(game: RidgeGame, opts: argparse.Namespace, follower_gradient: Callab
             "time_in_follower_grads": round(statistics.median(times[2]) / grad_time, 2),
         }
         result["ours_over_torchopt_time"] = round(statistics.median(times[1]) / statistics.median(times[2]), 3)
+        result["ours_at_least_as_accurate"] = max(errors[0]) <= 1.01 * max(errors[1])
     return result
 
 
