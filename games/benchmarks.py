@@ -6,6 +6,7 @@ same initial RM and the same random draws, so both end at the same policy mean (
 difference). Both run in this process, one after the other, `--repeats` times; the fastest of each counts.
 
 Run it:  stackelberg bench envs --rounds 200 --variant fpo-relaxed
+         stackelberg bench envs --costs neural --rounds 20     (CPU ms per round of every neural recipe)
 """
 from __future__ import annotations
 
@@ -19,11 +20,11 @@ import torch
 
 from stackelberg.game import power_schedule
 
+from .neural_rlhf import NeuralRLHF, reward_model
+
 
 def plain_loop(variant: str, rounds: int, total_rounds: int, seed: int) -> Dict[str, Any]:
     """PAPER.md 4.2 in plain torch (no framework): returns the final policy mean and per-round metrics."""
-    from .neural_rlhf import NeuralRLHF, reward_model
-
     c = NeuralRLHF.Config()
     torch.manual_seed(seed)  # as the runner seeds before it builds the game
     net = reward_model(c.dim, c.hidden, c.init_std)
@@ -76,22 +77,72 @@ def plain_loop(variant: str, rounds: int, total_rounds: int, seed: int) -> Dict[
     return {"theta": theta.detach().clone(), "history": history}
 
 
+class TimedNeuralRLHF(NeuralRLHF):
+    """The neural game, timing its own fit (wall and this process's CPU time) and drawing no figures."""
+
+    timings: Dict[str, float] = {}
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        self._started = (time.perf_counter(), time.process_time())
+
+    def on_fit_end(self) -> None:
+        wall, cpu = self._started
+        TimedNeuralRLHF.timings = {"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu}
+
+    @classmethod
+    def figures(cls, history):
+        return {}
+
+
 def framework_run(variant: str, rounds: int, seed: int, folder: Path) -> Dict[str, Any]:
     """`stackelberg run neural/<variant> rounds=<rounds>` into `folder`: fit time and final policy mean."""
     from stackelberg import runner
     from stackelberg.recipes import load_recipe
 
     recipe = load_recipe(f"neural/{variant}", [f"seed={seed}", f"rounds={rounds}", "trainer.progress_bar=false",
-                                               f"output_dir={folder}"])
-    summary = runner.execute(recipe, folder, quiet=True)  # its wall time is trainer.fit's, figures excluded
+                                               f"output_dir={folder}", f"game.name={__name__}:TimedNeuralRLHF"])
+    summary = runner.execute(recipe, folder, quiet=True)
     final = summary["final"]
     theta = torch.tensor([final[f"policy/mean_{i}"] for i in range(10)])
-    return {"theta": theta, "wall": summary["wall_time_s"]}
+    return {"theta": theta, **TimedNeuralRLHF.timings}
+
+
+def estimator_costs(env: str, rounds: int, skip: int) -> Dict[str, Any]:
+    """CPU time per round of every recipe of `env` (game.play, after `skip` warm-up rounds), and relative to
+    fpo-relaxed: what an exact steering estimator costs beside the first-order one."""
+    from stackelberg.recipes import list_recipes, load_recipe
+    from stackelberg.runner import build_game
+
+    costs = {}
+    for name, _ in list_recipes():
+        if not name.startswith(env + "/"):
+            continue
+        game = build_game(load_recipe(name))
+        game.play(skip)
+        started = time.process_time()
+        game.play(rounds)
+        costs[name.split("/", 1)[1]] = 1e3 * (time.process_time() - started) / rounds
+    base = costs.get("fpo-relaxed") or 1.0
+    return {
+        "benchmark": "envs --costs",
+        "environment": env,
+        "rounds_timed": rounds,
+        "after_rounds": skip,
+        "cpu_ms_per_round": {k: round(v, 3) for k, v in costs.items()},
+        "relative_to_fpo_relaxed": {k: round(v / base, 2) for k, v in costs.items()},
+    }
 
 
 def envs(args: List[str]) -> Dict[str, Any]:
-    """Time the framework against the plain loop on the neural environment; return the JSON record."""
+    """Time the framework against the plain loop on the neural environment; return the JSON record.
+
+    With --costs linear|neural: the CPU cost per round of each of that environment's recipes instead.
+    """
     parser = argparse.ArgumentParser(prog="stackelberg bench envs")
+    parser.add_argument("--costs", choices=["linear", "neural"], default=None,
+                        help="time every recipe of this environment per round instead (CPU time, game.play)")
+    parser.add_argument("--skip", type=int, default=100, help="--costs: warm-up rounds before timing")
     parser.add_argument("--variant", default="fpo-relaxed", choices=["rlhf", "fpo-practical", "fpo-relaxed"])
     parser.add_argument("--rounds", type=int, default=200, help="rounds played (T of the schedules)")
     parser.add_argument("--seed", type=int, default=0)
@@ -102,27 +153,33 @@ def envs(args: List[str]) -> Dict[str, Any]:
     from stackelberg.cli import _quiet_libraries
 
     _quiet_libraries()
-    framework_times, plain_times = [], []
+    if opts.costs:
+        return estimator_costs(opts.costs, opts.rounds, opts.skip)
+    fw_wall, fw_cpu, plain_wall, plain_cpu = [], [], [], []
     for _ in range(opts.repeats):
         with tempfile.TemporaryDirectory() as tmp:
             fw = framework_run(opts.variant, opts.rounds, opts.seed, Path(tmp) / "run")
-        framework_times.append(fw["wall"])
-        started = time.perf_counter()
+        fw_wall.append(fw["wall"])
+        fw_cpu.append(fw["cpu"])
+        wall, cpu = time.perf_counter(), time.process_time()
         plain = plain_loop(opts.variant, opts.rounds, opts.rounds, opts.seed)
-        plain_times.append(time.perf_counter() - started)
-    framework_s, plain_s = min(framework_times), min(plain_times)
+        plain_wall.append(time.perf_counter() - wall)
+        plain_cpu.append(time.process_time() - cpu)
     return {
         "benchmark": "envs",
         "environment": f"neural/{opts.variant}",
         "rounds": opts.rounds,
         "leader_steps_per_round": 15,
         "threads": opts.threads,
-        "framework_s": round(framework_s, 3),
-        "plain_torch_s": round(plain_s, 3),
-        "ratio": round(framework_s / plain_s, 3),
-        "framework_ms_per_round": round(1e3 * framework_s / opts.rounds, 3),
-        "plain_ms_per_round": round(1e3 * plain_s / opts.rounds, 3),
-        "all_framework_s": [round(t, 3) for t in framework_times],
-        "all_plain_s": [round(t, 3) for t in plain_times],
+        "framework_s": round(min(fw_wall), 3),
+        "plain_torch_s": round(min(plain_wall), 3),
+        "ratio": round(min(fw_wall) / min(plain_wall), 3),
+        "framework_cpu_s": round(min(fw_cpu), 3),
+        "plain_torch_cpu_s": round(min(plain_cpu), 3),
+        "cpu_ratio": round(min(fw_cpu) / min(plain_cpu), 3),
+        "framework_ms_per_round": round(1e3 * min(fw_wall) / opts.rounds, 3),
+        "plain_ms_per_round": round(1e3 * min(plain_wall) / opts.rounds, 3),
+        "all_framework_s": [round(t, 3) for t in fw_wall],
+        "all_plain_s": [round(t, 3) for t in plain_wall],
         "same_trajectory_max_abs_diff": float((fw["theta"] - plain["theta"]).abs().max()),
     }

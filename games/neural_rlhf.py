@@ -70,6 +70,9 @@ class NeuralRLHF(LeaderFollowerGame):
         sigma_power: float = doc(4.0, "exponent of sigma's schedule sigma_final + (sigma - sigma_final)(1 - (t/T)^p)")
         labels_per_round: int = doc(5, "fresh labelled policy samples added to the RM's buffer each round")
         buffer_size: int = doc(50, "the RM trains on the last this many labelled samples (FIFO)")
+        label_gradient: bool = doc(True, "let the leader's gradient flow through the label u(y) (it reaches the "
+                                         "policy only through FPO-relaxed's error factor r - u); false treats "
+                                         "u(y) as a constant, as an oracle's score would be")
 
     def __init__(self, config: "NeuralRLHF.Config" = None, **kwargs):
         super().__init__(**kwargs)
@@ -122,7 +125,8 @@ class NeuralRLHF(LeaderFollowerGame):
         return {"y": theta + self.sigma() * torch.randn(1, theta.shape[0])}  # reparameterised: keeps the graph
 
     def label(self, batch):
-        return {**batch, "u": self.utility(batch["y"])}
+        u = self.utility(batch["y"])
+        return {**batch, "u": u if self.config.label_gradient else u.detach()}
 
     def leader_values(self, batch, phi):
         y = batch["y"]
