@@ -121,3 +121,11 @@ def test_comparison_figures():
     assert set(figures) == {"true_utility", "phase_pca", "true_utility_seeds"}
     for fig in figures.values():
         plt.close(fig)
+
+
+def test_label_gradient_switch():
+    for flag, has_graph in (("true", True), ("false", False)):
+        game = game_of("neural/fpo-relaxed", f"game.label_gradient={flag}")
+        batch = game.label(game.leader_batch())
+        assert batch["u"].requires_grad == has_graph
+        assert batch["y"].requires_grad
