@@ -28,7 +28,7 @@ class EstimatorConfig:
     tol: float = doc(1e-6, "implicit-cg: relative residual at which CG stops")
     max_iter: int = doc(50, "implicit-cg: most Hessian-vector products per solve")
     damping: float = doc(0.0, "implicit-*: solve (H + damping I) v = grad_phi J")
-    warm_start: bool = doc(True, "implicit-cg: start each solve from the previous round's solution")
+    warm_start: bool = doc(True, "implicit-cg: start each solve from the best combination of the last two solutions")
     terms: int = doc(20, "implicit-neumann: number of series terms")
     alpha: float = doc(0.1, "implicit-neumann: step alpha of the series; needs alpha * lambda_max(H) < 2")
     on_failure: str = doc("skip", "implicit-*: on negative curvature or a non-finite solve, 'skip' the "

@@ -5,8 +5,8 @@ d phi*/d theta = -H^-1 d^2 L_F / d phi d theta, with H the Hessian of L_F in phi
 
     v = -(H + damping I)^-1 grad_phi J
 
-solved with conjugate gradients (to a tolerance, warm-started from the previous round's solution, which is kept in
-checkpoints) or with a truncated Neumann series. H is linearised once per solve (linalg.hvp_operator). The
+solved with conjugate gradients (to a tolerance, warm-started from the last two rounds' solutions, which are kept
+in checkpoints) or with a truncated Neumann series. H is linearised once per solve (linalg.hvp_operator). The
 current phi stands in for phi*: the closer the follower is to its best response, the closer this is to exact.
 """
 from __future__ import annotations
