@@ -23,8 +23,12 @@ from stackelberg.game import power_schedule
 from .neural_rlhf import NeuralRLHF, reward_model
 
 
-def plain_loop(variant: str, rounds: int, total_rounds: int, seed: int) -> Dict[str, Any]:
-    """PAPER.md 4.2 in plain torch (no framework): returns the final policy mean and per-round metrics."""
+def plain_loop(variant: str, rounds: int, total_rounds: int, seed: int,
+               label_gradient: bool = False) -> Dict[str, Any]:
+    """PAPER.md 4.2 in plain torch (no framework): returns the final policy mean and per-round metrics.
+
+    `label_gradient` as the game's key of that name: whether FPO-relaxed's error factor differentiates u(y).
+    """
     c = NeuralRLHF.Config()
     torch.manual_seed(seed)  # as the runner seeds before it builds the game
     net = reward_model(c.dim, c.hidden, c.init_std)
@@ -53,7 +57,8 @@ def plain_loop(variant: str, rounds: int, total_rounds: int, seed: int) -> Dict[
             if variant.startswith("fpo"):
                 g = torch.autograd.grad(r.sum(), params, create_graph=True)
                 plasticity = sum((gi ** 2).sum() for gi in g)
-                error = (r - utility(y)) if variant == "fpo-relaxed" else torch.ones_like(r)
+                u = utility(y) if label_gradient else utility(y).detach()
+                error = (r - u) if variant == "fpo-relaxed" else torch.ones_like(r)
                 objective = objective - (weight * error * plasticity).mean()
             (grad,) = torch.autograd.grad(objective, theta)
             with torch.no_grad():
@@ -155,6 +160,9 @@ def envs(args: List[str]) -> Dict[str, Any]:
     _quiet_libraries()
     if opts.costs:
         return estimator_costs(opts.costs, opts.rounds, opts.skip)
+    from stackelberg.recipes import load_recipe
+
+    label_gradient = bool(load_recipe(f"neural/{opts.variant}").config.game.label_gradient)
     fw_wall, fw_cpu, plain_wall, plain_cpu = [], [], [], []
     for _ in range(opts.repeats):
         with tempfile.TemporaryDirectory() as tmp:
@@ -162,7 +170,7 @@ def envs(args: List[str]) -> Dict[str, Any]:
         fw_wall.append(fw["wall"])
         fw_cpu.append(fw["cpu"])
         wall, cpu = time.perf_counter(), time.process_time()
-        plain = plain_loop(opts.variant, opts.rounds, opts.rounds, opts.seed)
+        plain = plain_loop(opts.variant, opts.rounds, opts.rounds, opts.seed, label_gradient)
         plain_wall.append(time.perf_counter() - wall)
         plain_cpu.append(time.process_time() - cpu)
     return {
