@@ -165,10 +165,10 @@ class NeuralRLHF(LeaderFollowerGame):
 
     _step_cache = None
 
-    def leader_gradients(self, batch):
+    def leader_step(self, batch, diagnose=True):
         self._step_cache = {}  # lives for one leader step: the follower's phi does not change within it
         try:
-            return super().leader_gradients(batch)
+            return super().leader_step(batch, diagnose)
         finally:
             self._step_cache = None
 

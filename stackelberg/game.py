@@ -178,8 +178,9 @@ class LeaderFollowerGame(L.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> None:
         steering_logs: Dict[str, float] = {}
         with self._game_random_stream():
-            for _ in range(self.leader_config.steps):
-                steering_logs = self.leader_step(self.label(self.leader_batch()))
+            steps = self.leader_config.steps
+            for i in range(steps):  # diagnostics cost a second backward pass: only on the round's last step
+                steering_logs = self.leader_step(self.label(self.leader_batch()), diagnose=i == steps - 1)
             for _ in range(self.follower_config.steps):
                 self.follower_step(self.follower_batch())
             for scheduler in self._schedulers():
@@ -224,13 +225,32 @@ class LeaderFollowerGame(L.LightningModule):
         params = self.leader_parameters
         g_plain = self._grad(plain, params, retain_graph=steer is not None)
         g_steer = self._grad(steer, params) if steer is not None else torch.zeros_like(g_plain)
-        g_plain, g_steer = self.all_reduce_mean(torch.stack([g_plain, g_steer])).unbind(0)
+        if self._distributed():
+            g_plain, g_steer = self.all_reduce_mean(torch.stack([g_plain, g_steer])).unbind(0)
         return g_plain, g_steer, steering
 
-    def leader_step(self, batch: Batch) -> Dict[str, float]:
-        """One leader update on its objective plus the steering term; returns the steering diagnostics."""
-        g_plain, g_steer, steering = self.leader_gradients(batch)
-        logs = dict(steering.diagnostics)
+    def leader_step(self, batch: Batch, diagnose: bool = True) -> Dict[str, float]:
+        """One leader update on its objective plus the steering term; returns the steering diagnostics.
+
+        With `diagnose` the plain and steering gradients are taken apart (steering/norm, steering/cos_policy_grad);
+        without it, in one backward pass through their sum, taken apart only if the sum is not finite. Either
+        way a non-finite steering term never reaches the parameters.
+        """
+        if diagnose:
+            g_plain, g_steer, steering = self.leader_gradients(batch)
+        else:
+            phi = self.follower_flat().detach()
+            detached = detach_batch(batch)
+            steering = self.estimator.steer(SteeringProblem(self, batch, detached, phi))
+            plain, steer = self._surrogates(batch, detached, steering)
+            total = plain if steer is None else plain + steer
+            g_total = self.all_reduce_mean(self._grad(total, self.leader_parameters, retain_graph=steer is not None))
+            if torch.isfinite(g_total).all():
+                self.apply_gradient("leader", -g_total, averaged=True)
+                return {}
+            g_plain = self.all_reduce_mean(self._grad(plain, self.leader_parameters))
+            g_steer = torch.full_like(g_plain, float("nan")) if steer is not None else torch.zeros_like(g_plain)
+        logs = {k: float(v) for k, v in steering.diagnostics.items()}
         logs["steering/nonfinite"] = 0.0
         if not torch.isfinite(g_steer).all():  # never let a broken steering term reach the parameters
             logs["steering/nonfinite"] = 1.0
@@ -269,8 +289,8 @@ class LeaderFollowerGame(L.LightningModule):
             norm = flat_grad.norm()
             if norm > config.clip_norm:
                 flat_grad = flat_grad * (config.clip_norm / norm)
-        for p, g in zip(params, torch.split(flat_grad, [p.numel() for p in params])):
-            p.grad = g.view_as(p).detach().clone()
+        for p, g in zip(params, torch.split(flat_grad.detach(), [p.numel() for p in params])):
+            p.grad = g.view_as(p)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return True
@@ -330,8 +350,10 @@ class LeaderFollowerGame(L.LightningModule):
 
     @property
     def leader_parameters(self) -> List[nn.Parameter]:
-        """The leader's trainable parameters, in a fixed order."""
-        return [p for p in self.leader.parameters() if p.requires_grad]
+        """The leader's trainable parameters, in a fixed order (listed once; `forget_parameters` re-lists)."""
+        if getattr(self, "_leader_params", None) is None:
+            self._leader_params = [p for p in self.leader.parameters() if p.requires_grad]
+        return self._leader_params
 
     @property
     def follower_parameters(self) -> List[nn.Parameter]:
@@ -339,7 +361,13 @@ class LeaderFollowerGame(L.LightningModule):
         return [p for _, p in self._follower_named()]
 
     def _follower_named(self) -> List[Tuple[str, nn.Parameter]]:
-        return [(n, p) for n, p in self.follower.named_parameters() if p.requires_grad]
+        if getattr(self, "_follower_params", None) is None:
+            self._follower_params = [(n, p) for n, p in self.follower.named_parameters() if p.requires_grad]
+        return self._follower_params
+
+    def forget_parameters(self) -> None:
+        """Re-list the players' trainable parameters on next use (after freezing or replacing some)."""
+        self._leader_params = self._follower_params = self._follower_map = None
 
     @property
     def follower_map(self) -> linalg.FlatParams:
@@ -420,6 +448,7 @@ class LeaderFollowerGame(L.LightningModule):
     # ----------------------------------------------------------------------------------------------------
 
     def on_fit_start(self) -> None:
+        self.forget_parameters()
         if self._rng_state is None:
             generator = torch.Generator().manual_seed(self.seed * 100_003 + self.global_rank)
             self._rng_state = generator.get_state()

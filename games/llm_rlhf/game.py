@@ -293,10 +293,10 @@ class LLMRLHFGame(LeaderFollowerGame):
                 out = torch.func.vmap(values)(probes)
         return (out[1:] - out[:1]).T.contiguous()
 
-    def leader_step(self, batch: Dict[str, Any]) -> Dict[str, float]:
+    def leader_step(self, batch: Dict[str, Any], diagnose: bool = True) -> Dict[str, float]:
         """(b) rloo: the core's policy-gradient step. (a) bestofn: best candidate by score, SFT step on it."""
         if self.config.update == "rloo":
-            logs = super().leader_step(batch)
+            logs = super().leader_step(batch, diagnose)
             self._follower_data = detach_batch(batch)  # the RM learns from every candidate
             self._remember(self._follower_data, self._follower_data, logs)
             return logs
@@ -317,7 +317,7 @@ class LLMRLHFGame(LeaderFollowerGame):
                           for g, p in zip(grads, self.leader_parameters)])
         self.apply_gradient("leader", flat)
         self._follower_data = won
-        logs = dict(steering.diagnostics)
+        logs = {k: float(v) for k, v in steering.diagnostics.items()}
         logs["leader/sft_loss"] = nll.item()
         self._remember(detached, won, logs)
         return logs

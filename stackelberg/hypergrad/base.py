@@ -60,7 +60,7 @@ class Steering:
     phi_eval: Tensor
     adjoints: List[Tuple[Tensor, Tensor]] = field(default_factory=list)
     penalty: Optional[Tensor] = None
-    diagnostics: Dict[str, float] = field(default_factory=dict)
+    diagnostics: Dict[str, Any] = field(default_factory=dict)  # floats or 0-d tensors (read when logged)
 
     @property
     def is_zero(self) -> bool:

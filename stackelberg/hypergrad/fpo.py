@@ -42,7 +42,7 @@ class FPO(Estimator):
         return Steering(
             phi_eval=phi,
             penalty=penalty,
-            diagnostics={"fpo/penalty": penalty.detach().mean().item()},
+            diagnostics={"fpo/penalty": penalty.detach().mean()},  # a tensor: read only when logged
         )
 
 
