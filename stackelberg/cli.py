@@ -75,8 +75,9 @@ def _one_line(summary: dict) -> str:
 
 
 def figures(run_dirs: Sequence[Path], out: Path) -> List[Path]:
-    """Comparison figures (and a table, comparison.json) of finished runs, drawn by their game."""
+    """Comparison figures (PNG and TensorBoard images) and a table, comparison.json, of finished runs."""
     from omegaconf import OmegaConf
+    from torch.utils.tensorboard import SummaryWriter
 
     from stackelberg import plots
     from stackelberg.recipes import resolve_game
@@ -92,7 +93,9 @@ def figures(run_dirs: Sequence[Path], out: Path) -> List[Path]:
         drawn = game_cls.comparison_figures(groups)
     else:
         drawn = plots.comparison(groups, sorted({k for runs in groups.values() for h in runs for k in h}))
-    paths = plots.save(drawn, out)
+    writer = SummaryWriter(str(out))  # the comparison figures in TensorBoard too (tensorboard --logdir OUT)
+    paths = plots.save(drawn, out, writer)
+    writer.close()
     table = {}
     for d in run_dirs:
         summary_path = d / "summary.json"

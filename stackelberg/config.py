@@ -64,6 +64,8 @@ class TrainerConfig:
     rounds_per_epoch: int = doc(100, "rounds between checkpoints (one Lightning epoch)")
     progress_bar: bool = doc(True, "show Lightning's progress bar")
     log_every: int = doc(1, "log metrics to TensorBoard every this many rounds")
+    threads: int = doc(0, "torch CPU threads for the run (torch.set_num_threads); 0 keeps torch's default. "
+                          "Games of small tensors run fastest with 1")
 
 
 @dataclass

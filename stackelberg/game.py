@@ -50,6 +50,7 @@ Example (runnable; a game with a closed-form answer lives in games/quadratic.py)
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import lightning as L
@@ -183,8 +184,10 @@ class LeaderFollowerGame(L.LightningModule):
                 steering_logs = self.leader_step(self.label(self.leader_batch()), diagnose=i == steps - 1)
             for _ in range(self.follower_config.steps):
                 self.follower_step(self.follower_batch())
-            for scheduler in self._schedulers():
-                scheduler.step()
+            with warnings.catch_warnings():  # plain SGD steps bypass optimizer.step(), which the scheduler notes
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler")
+                for scheduler in self._schedulers():
+                    scheduler.step()
             self.round += 1
             metrics = {**steering_logs, **self.round_metrics()}
         self._last = {k: float(v) for k, v in metrics.items()}
@@ -289,8 +292,16 @@ class LeaderFollowerGame(L.LightningModule):
             norm = flat_grad.norm()
             if norm > config.clip_norm:
                 flat_grad = flat_grad * (config.clip_norm / norm)
-        for p, g in zip(params, torch.split(flat_grad.detach(), [p.numel() for p in params])):
-            p.grad = g.view_as(p)
+        grads = [g.view_as(p) for p, g in zip(params, torch.split(flat_grad.detach(), [p.numel() for p in params]))]
+        group = optimizer.param_groups[0]
+        if (type(optimizer) is torch.optim.SGD and len(optimizer.param_groups) == 1 and not group["momentum"]
+                and not group["weight_decay"] and not group["maximize"]):
+            # plain SGD is one fused update; optimizer.step's bookkeeping costs more than a small game's step
+            with torch.no_grad():
+                torch._foreach_add_(params, grads, alpha=-group["lr"])
+            return True
+        for p, g in zip(params, grads):
+            p.grad = g
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return True

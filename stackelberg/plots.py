@@ -89,7 +89,7 @@ def load_histories(run_dirs: Sequence[Path]) -> Dict[str, List[Dict[str, List[fl
 
 
 def save(figures: Figures, folder: Path, logger=None, step: int = 0) -> List[Path]:
-    """Write figures as PNG (and to TensorBoard as images when a logger is given); close them."""
+    """Write figures as PNG (and to TensorBoard as images when a logger or SummaryWriter is given); close them."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -97,7 +97,7 @@ def save(figures: Figures, folder: Path, logger=None, step: int = 0) -> List[Pat
         path = folder / f"{name}.png"
         fig.savefig(path, dpi=110)
         paths.append(path)
-        if logger is not None:
-            logger.experiment.add_figure(f"figures/{name}", fig, global_step=step)
+        if logger is not None:  # a Lightning logger or a SummaryWriter
+            getattr(logger, "experiment", logger).add_figure(f"figures/{name}", fig, global_step=step)
         plt.close(fig)
     return paths

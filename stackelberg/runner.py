@@ -76,6 +76,8 @@ def execute(recipe: Recipe, run_dir: Path, ckpt_path: Optional[Path] = None, qui
     tc = cfg.trainer
     run_dir = Path(os.environ.get(_RUN_DIR_ENV) or run_dir)
     os.environ[_RUN_DIR_ENV] = str(run_dir)
+    if tc.threads > 0:
+        torch.set_num_threads(tc.threads)
     game = build_game(recipe)
     run_dir.mkdir(parents=True, exist_ok=True)
     logger = TensorBoardLogger(save_dir=str(run_dir), name="", version="", default_hp_metric=False)

@@ -265,6 +265,17 @@ def test_negative_curvature_raise_raises_solver_failure():
         game.play(1)
 
 
+def test_diverging_neumann_series_is_a_failed_solve():
+    # alpha * lambda_max(A) = 0.5 * 10 > 2: the series diverges to huge but finite adjoints
+    diverging = quadratic(ImplicitNeumann(terms=50, alpha=0.5))
+    plain, steer, steering = diverging.leader_gradients(diverging.leader_batch())
+    assert steering.diagnostics["solver/failed"] == 1.0 and steering.diagnostics["solver/residual"] > 1.0
+    assert steering.is_zero and torch.count_nonzero(steer) == 0
+    with pytest.raises(SolverFailure, match="diverged"):
+        bad = quadratic(ImplicitNeumann(terms=50, alpha=0.5, on_failure="raise"))
+        bad.leader_gradients(bad.leader_batch())
+
+
 class NaNAdjoint(ImplicitCG):
     """An estimator whose adjoint is broken: every entry NaN."""
 

@@ -51,8 +51,16 @@ class _Implicit(Estimator):
             "solver/iterations": float(result.iterations),
             "solver/failed": 0.0,
         }
-        if result.negative_curvature or not torch.isfinite(result.x).all():
-            why = "met negative curvature" if result.negative_curvature else "returned a non-finite solution"
+        # A residual above 1 means the answer is worse than none at all (a Neumann series with alpha too large
+        # for H diverges: huge but finite adjoints that would throw the leader away).
+        diverged = not result.residual <= 1.0
+        if result.negative_curvature or diverged or not torch.isfinite(result.x).all():
+            if result.negative_curvature:
+                why = "met negative curvature"
+            elif not torch.isfinite(result.x).all():
+                why = "returned a non-finite solution"
+            else:
+                why = f"diverged (relative residual {result.residual:.3g} > 1; lower estimator.alpha)"
             if self.on_failure == "raise":
                 raise SolverFailure(
                     f"{self.name} {why}; raise estimator.damping or set estimator.on_failure=skip"
