@@ -50,7 +50,6 @@ Example (runnable; a game with a closed-form answer lives in games/quadratic.py)
 """
 from __future__ import annotations
 
-import warnings
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import lightning as L
@@ -180,14 +179,16 @@ class LeaderFollowerGame(L.LightningModule):
         steering_logs: Dict[str, float] = {}
         with self._game_random_stream():
             steps = self.leader_config.steps
-            for i in range(steps):  # diagnostics cost a second backward pass: only on the round's last step
-                steering_logs = self.leader_step(self.label(self.leader_batch()), diagnose=i == steps - 1)
+            self._phi_during_leader_steps = self.follower_flat().detach()  # the follower waits for the leader
+            try:
+                for i in range(steps):  # diagnostics cost a second backward pass: only on the round's last step
+                    steering_logs = self.leader_step(self.label(self.leader_batch()), diagnose=i == steps - 1)
+            finally:
+                self._phi_during_leader_steps = None
             for _ in range(self.follower_config.steps):
                 self.follower_step(self.follower_batch())
-            with warnings.catch_warnings():  # plain SGD steps bypass optimizer.step(), which the scheduler notes
-                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler")
-                for scheduler in self._schedulers():
-                    scheduler.step()
+            for scheduler in self._schedulers():
+                scheduler.step()
             self.round += 1
             metrics = {**steering_logs, **self.round_metrics()}
         self._last = {k: float(v) for k, v in metrics.items()}
@@ -221,7 +222,7 @@ class LeaderFollowerGame(L.LightningModule):
 
         The plain gradient holds the follower fixed; their sum is the estimator's total derivative dJ/dtheta.
         """
-        phi = self.follower_flat().detach()
+        phi = self._current_phi()
         detached = detach_batch(batch)
         steering = self.estimator.steer(SteeringProblem(self, batch, detached, phi))
         plain, steer = self._surrogates(batch, detached, steering)
@@ -242,14 +243,14 @@ class LeaderFollowerGame(L.LightningModule):
         if diagnose:
             g_plain, g_steer, steering = self.leader_gradients(batch)
         else:
-            phi = self.follower_flat().detach()
+            phi = self._current_phi()
             detached = detach_batch(batch)
             steering = self.estimator.steer(SteeringProblem(self, batch, detached, phi))
             plain, steer = self._surrogates(batch, detached, steering)
             total = plain if steer is None else plain + steer
             g_total = self.all_reduce_mean(self._grad(total, self.leader_parameters, retain_graph=steer is not None))
             if torch.isfinite(g_total).all():
-                self.apply_gradient("leader", -g_total, averaged=True)
+                self.apply_gradient("leader", -g_total, averaged=True, finite=True)
                 return {}
             g_plain = self.all_reduce_mean(self._grad(plain, self.leader_parameters))
             g_steer = torch.full_like(g_plain, float("nan")) if steer is not None else torch.zeros_like(g_plain)
@@ -270,11 +271,11 @@ class LeaderFollowerGame(L.LightningModule):
         loss = self.follower_losses(batch, self.follower_flat()).mean()
         self.apply_gradient("follower", self._grad(loss, self.follower_parameters))
 
-    def apply_gradient(self, player: str, flat_grad: Tensor, averaged: bool = False) -> bool:
+    def apply_gradient(self, player: str, flat_grad: Tensor, averaged: bool = False, finite: bool = False) -> bool:
         """Step `player`'s ("leader" or "follower") optimiser along a flat descent gradient.
 
-        The gradient is averaged across processes (unless `averaged`), skipped if not finite (returns False),
-        clipped as the player's config says, then applied. Custom leader updates (e.g. best-of-n) call this too.
+        The gradient is averaged across processes (unless `averaged`), skipped if not finite (returns False;
+        `finite` says the caller has checked), clipped as the player's config says, then applied. Custom leader updates (e.g. best-of-n) call this too.
         """
         if player == "leader":
             optimizer, params, config = self.leader_optimizer, self.leader_parameters, self.leader_config
@@ -284,7 +285,7 @@ class LeaderFollowerGame(L.LightningModule):
             raise ValueError(f"player must be 'leader' or 'follower', not {player!r}")
         if not averaged:
             flat_grad = self.all_reduce_mean(flat_grad)
-        if not torch.isfinite(flat_grad).all():
+        if not finite and not torch.isfinite(flat_grad).all():
             return False
         if config.clip_value is not None:
             flat_grad = flat_grad.clamp(-config.clip_value, config.clip_value)
@@ -299,6 +300,7 @@ class LeaderFollowerGame(L.LightningModule):
             # plain SGD is one fused update; optimizer.step's bookkeeping costs more than a small game's step
             with torch.no_grad():
                 torch._foreach_add_(params, grads, alpha=-group["lr"])
+            optimizer._opt_called = True  # what optimizer.step() marks for its LR scheduler (no false warning)
             return True
         for p, g in zip(params, grads):
             p.grad = g
@@ -309,15 +311,15 @@ class LeaderFollowerGame(L.LightningModule):
     def _surrogates(self, batch: Batch, detached: Batch, steering: Steering) -> Tuple[Tensor, Optional[Tensor]]:
         """The leader's plain objective and its steering term, each a scalar whose theta-gradient is wanted."""
         if self.steering_path == "pathwise":
-            plain = self.leader_values(batch, steering.phi_eval).mean() + self.leader_regularizer(batch)
+            plain = self.leader_values(batch, steering.phi_eval).mean()
+            if self._has_regularizer():
+                plain = plain + self.leader_regularizer(batch)
             if steering.is_zero:
                 return plain, None
-            steer = torch.zeros((), device=plain.device, dtype=plain.dtype)
-            for phi_k, v_k in steering.adjoints:
-                steer = steer + self._steering_inner(batch, phi_k, v_k)
+            terms = [self._steering_inner(batch, phi_k, v_k) for phi_k, v_k in steering.adjoints]
             if steering.penalty is not None:
-                steer = steer - steering.penalty.mean()
-            return plain, steer
+                terms.append(-steering.penalty.mean())
+            return plain, sum(terms[1:], terms[0])
         if self.steering_path != "score_function":
             raise ValueError(f"steering_path must be 'pathwise' or 'score_function', not {self.steering_path!r}")
         logp = batch["logp"]
@@ -327,6 +329,9 @@ class LeaderFollowerGame(L.LightningModule):
             return plain, None
         s = self.steering_rewards(detached, steering)
         return plain, (leave_one_out(s) * logp).mean()
+
+    def _has_regularizer(self) -> bool:
+        return type(self).leader_regularizer is not LeaderFollowerGame.leader_regularizer
 
     def steering_rewards(self, detached: Batch, steering: Steering) -> Tensor:
         """Each sample's steering reward s_i = sum_k < grad_phi l_i(phi_k), v_k > - penalty_i (no graph).
@@ -390,6 +395,11 @@ class LeaderFollowerGame(L.LightningModule):
     def follower_flat(self) -> Tensor:
         """The follower's trainable parameters as one flat vector (differentiable to the parameters)."""
         return torch.cat([p.reshape(-1) for p in self.follower_parameters])
+
+    def _current_phi(self) -> Tensor:
+        """phi, detached: listed once for all the leader's steps of a round (the follower does not move then)."""
+        phi = getattr(self, "_phi_during_leader_steps", None)
+        return phi if phi is not None else self.follower_flat().detach()
 
     def follower_call(self, phi: Tensor, *args: Any, **kwargs: Any) -> Any:
         """Run the follower module with its trainable parameters replaced by the flat vector `phi`."""
