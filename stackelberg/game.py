@@ -181,8 +181,13 @@ class LeaderFollowerGame(L.LightningModule):
             steps = self.leader_config.steps
             self._phi_during_leader_steps = self.follower_flat().detach()  # the follower waits for the leader
             try:
+                nonfinite = 0.0
                 for i in range(steps):  # diagnostics cost a second backward pass: only on the round's last step
-                    steering_logs = self.leader_step(self.label(self.leader_batch()), diagnose=i == steps - 1)
+                    logs = self.leader_step(self.label(self.leader_batch()), diagnose=i == steps - 1)
+                    nonfinite = max(nonfinite, logs.get("steering/nonfinite", 0.0))
+                    steering_logs = logs or steering_logs
+                if nonfinite:  # a broken steering term on any of the round's steps shows in its metrics
+                    steering_logs["steering/nonfinite"] = nonfinite
             finally:
                 self._phi_during_leader_steps = None
             for _ in range(self.follower_config.steps):
