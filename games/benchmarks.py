@@ -25,7 +25,7 @@ from .neural_rlhf import NeuralRLHF, reward_model
 
 def plain_loop(variant: str, rounds: int, total_rounds: int, seed: int,
                label_gradient: bool = False) -> Dict[str, Any]:
-    """PAPER.md 4.2 in plain torch (no framework): returns the final policy mean and per-round metrics.
+    """The neural-network environment in plain torch (no framework): returns the final policy mean and per-round metrics.
 
     `label_gradient` as the game's key of that name: whether FPO-relaxed's error factor differentiates u(y).
     """

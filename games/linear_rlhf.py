@@ -1,4 +1,4 @@
-"""The paper's linear environment (PAPER.md 4.1): a deterministic action y in R^50 against a linear reward model.
+"""The paper's linear environment: a deterministic action y in R^50 against a linear reward model.
 
 Leader:    the action y itself (starts at 0); objective r_w(y) - 0.1 ||y||^2 (minus the FPO penalty, if any)
 Follower:  a linear RM r_w(y) = w . y, w0 = w_true + N(0, 0.1^2), trained by SGD on (u(y) - w . y)^2 at the
@@ -38,7 +38,7 @@ class Vector(nn.Module):
 
 
 class LinearRLHF(LeaderFollowerGame):
-    """PAPER.md 4.1. The leader's parameter is the action; the follower's is the RM's weight vector."""
+    """The paper's linear environment. The leader's parameter is the action; the follower's is the RM's weight vector."""
 
     best_metrics = {"true/utility": "max", "proxy/reward": "max"}
     progress_metrics = ("true/utility", "noise/magnitude")

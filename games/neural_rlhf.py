@@ -1,4 +1,4 @@
-"""The paper's neural-network environment (PAPER.md 4.2): a Gaussian policy in R^10 against an MLP reward model.
+"""The paper's neural-network environment: a Gaussian policy in R^10 against an MLP reward model.
 
 Leader:    a Gaussian policy N(theta, sigma_t^2 I), theta starting at 0; 15 SGD steps per round, each on one
            reparameterised sample y = theta + sigma_t eps, objective r_phi(y) - 0.01 ||y||^2 (minus FPO's penalty),
@@ -50,7 +50,7 @@ def reward_model(dim: int, hidden: int, init_std: float) -> nn.Sequential:
 
 
 class NeuralRLHF(LeaderFollowerGame):
-    """PAPER.md 4.2. Metrics of the policy are taken at its mean theta."""
+    """The paper's neural-network environment. Metrics of the policy are taken at its mean theta."""
 
     best_metrics = {"true/utility": "max", "proxy/reward": "max"}
     progress_metrics = ("true/utility", "noise/magnitude")

@@ -60,7 +60,7 @@ def main(hpo_dir: str, linear_dir: str) -> None:
     linear = {name: history(Path(linear_dir) / f"linear__{name}" / "seed_0")
               for name in ("rlhf", "fpo-relaxed", "implicit-cg")}
 
-    # Is the policy exploiting the reward model? (the linear environment of PAPER.md 4.1)
+    # Is the policy exploiting the reward model? (the paper's linear environment)
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
     for ax, key in zip(axes, ("true/utility", "proxy/reward", "rm/error_on_policy")):
         plot(ax, linear, key)

@@ -3,7 +3,7 @@
     stackelberg run llm/rlhf            # standard iterative RLHF on the synthetic task (collapses)
     stackelberg run llm/fpo-relaxed     # the same with the FPO penalty
 
-A round (PAPER.md section 4.3), for `prompts_per_round` prompts:
+A round (its LLM experiment), for `prompts_per_round` prompts:
 
 1. the reference policy samples one reference answer per prompt, the policy `candidates` answers;
 2. the oracle labels them (gold utility U), the RM scores them (proxy reward r);

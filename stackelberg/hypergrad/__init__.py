@@ -1,4 +1,4 @@
-"""Steering estimators: each one computes the adjoint v of ARCHITECTURE's one idea. See base.py."""
+"""Steering estimators: each one computes the adjoint v of the framework's one idea. See base.py."""
 from stackelberg.hypergrad import fpo, implicit, unrolled  # noqa: F401  (register the estimators)
 from stackelberg.hypergrad.base import REGISTRY, Estimator, NoSteering, Steering, SteeringProblem, register
 from stackelberg.hypergrad.fpo import FPO

@@ -21,7 +21,7 @@ from stackelberg.hypergrad.base import Estimator, Steering, SteeringProblem, reg
 
 
 class FPO(Estimator):
-    """Per-sample first-order steering penalty (PAPER.md section 3)."""
+    """Per-sample first-order steering penalty (the paper, section on FPO)."""
 
     name = "fpo"
 
