@@ -227,10 +227,7 @@ class LeaderFollowerGame(L.LightningModule):
 
         The plain gradient holds the follower fixed; their sum is the estimator's total derivative dJ/dtheta.
         """
-        phi = self._current_phi()
-        detached = detach_batch(batch)
-        steering = self.estimator.steer(SteeringProblem(self, batch, detached, phi))
-        plain, steer = self._surrogates(batch, detached, steering)
+        steering, plain, steer = self._objectives(batch)
         params = self.leader_parameters
         g_plain = self._grad(plain, params, retain_graph=steer is not None)
         g_steer = self._grad(steer, params) if steer is not None else torch.zeros_like(g_plain)
@@ -248,10 +245,7 @@ class LeaderFollowerGame(L.LightningModule):
         if diagnose:
             g_plain, g_steer, steering = self.leader_gradients(batch)
         else:
-            phi = self._current_phi()
-            detached = detach_batch(batch)
-            steering = self.estimator.steer(SteeringProblem(self, batch, detached, phi))
-            plain, steer = self._surrogates(batch, detached, steering)
+            steering, plain, steer = self._objectives(batch)
             total = plain if steer is None else plain + steer
             g_total = self.all_reduce_mean(self._grad(total, self.leader_parameters, retain_graph=steer is not None))
             if torch.isfinite(g_total).all():
@@ -280,7 +274,8 @@ class LeaderFollowerGame(L.LightningModule):
         """Step `player`'s ("leader" or "follower") optimiser along a flat descent gradient.
 
         The gradient is averaged across processes (unless `averaged`), skipped if not finite (returns False;
-        `finite` says the caller has checked), clipped as the player's config says, then applied. Custom leader updates (e.g. best-of-n) call this too.
+        `finite` says the caller has checked), clipped as the player's config says, then applied. Custom leader
+        updates (e.g. best-of-n) call this too.
         """
         if player == "leader":
             optimizer, params, config = self.leader_optimizer, self.leader_parameters, self.leader_config
@@ -312,6 +307,12 @@ class LeaderFollowerGame(L.LightningModule):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return True
+
+    def _objectives(self, batch: Batch) -> Tuple[Steering, Tensor, Optional[Tensor]]:
+        """The estimator's answer for this batch, then the leader's plain objective and steering term."""
+        detached = detach_batch(batch)
+        steering = self.estimator.steer(SteeringProblem(self, batch, detached, self._current_phi()))
+        return (steering, *self._surrogates(batch, detached, steering))
 
     def _surrogates(self, batch: Batch, detached: Batch, steering: Steering) -> Tuple[Tensor, Optional[Tensor]]:
         """The leader's plain objective and its steering term, each a scalar whose theta-gradient is wanted."""
