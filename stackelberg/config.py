@@ -29,6 +29,10 @@ class EstimatorConfig:
     max_iter: int = doc(50, "implicit-cg: most Hessian-vector products per solve")
     damping: float = doc(0.0, "implicit-*: solve (H + damping I) v = grad_phi J")
     warm_start: bool = doc(True, "implicit-cg: start each solve from the best combination of the last two solutions")
+    mixed_precision: bool = doc(False, "implicit-cg, float64 followers: take the Hessian-vector products in "
+                                       "float32 and the residuals in float64 (iterative refinement): the same "
+                                       "tolerance at about half the cost per product where products are "
+                                       "memory-bound")
     terms: int = doc(20, "implicit-neumann: number of series terms")
     alpha: float = doc(0.1, "implicit-neumann: step alpha of the series; needs alpha * lambda_max(H) < 2")
     on_failure: str = doc("skip", "implicit-*: on negative curvature or a non-finite solve, 'skip' the "

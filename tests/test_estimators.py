@@ -64,6 +64,34 @@ def test_implicit_cg_matches_exact_hypergradient():
     assert rel_error(total_derivative(myopic), exact) > 0.1
 
 
+def test_implicit_cg_in_mixed_precision_matches_exact_hypergradient():
+    game = quadratic(ImplicitCG(tol=1e-12, max_iter=200, mixed_precision=True))
+    exact = game.exact_hypergradient(game.leader.value.detach())
+    plain, steer, steering = game.leader_gradients(game.label(game.leader_batch()))
+    assert steering.diagnostics["solver/float32_products"] > 0  # the products did run in float32 ...
+    assert rel_error(plain + steer, exact) < 1e-9  # ... and the answer has float64's accuracy, not float32's
+    # the float32 copies are taken only while the solve is linearised: the game keeps its float64 tensors
+    assert all(t.dtype == D for t in game.state_dict().values() if t.is_floating_point())
+
+
+def test_low_precision_copies_are_reused_until_the_tensor_changes():
+    from stackelberg.hypergrad.precision import LowPrecisionCopies
+
+    game = quadratic(NoSteering())
+    copies = LowPrecisionCopies()
+    with copies.swapped(game):
+        first = game.B
+        assert first.dtype == torch.float32
+    with copies.swapped(game):
+        assert game.B is first  # unchanged: the same copy
+    with torch.no_grad():
+        game.B.mul_(2.0)  # an in-place change bumps the tensor's version
+    with copies.swapped(game):
+        assert game.B is not first
+        torch.testing.assert_close(game.B, 2.0 * first)
+    assert game.B.dtype == D and isinstance(game.leader.value, torch.nn.Parameter)
+
+
 def test_implicit_neumann_converges_as_terms_grow():
     errors = []
     for terms in (5, 20, 80, 320):
@@ -315,9 +343,12 @@ def test_bench_hypergrad_small_run_is_accurate():
     json.dumps(out)
     est = out["estimators"]
     assert est["implicit-cg"]["rel_error"] < 1e-9
+    mixed = est["implicit-cg/mixed_precision"]
+    assert mixed["rel_error"] < 1e-9 and mixed["float32_hvps"] > mixed["float64_hvps"] >= 1
     assert est["implicit-neumann/terms=300"]["rel_error"] < 1e-6 < est["implicit-neumann/terms=10"]["rel_error"]
     assert est["unrolled/steps=150"]["rel_error"] < 1e-6 < est["unrolled/steps=2"]["rel_error"]
     assert out["leader_trajectory"]["implicit-cg (warm start)"]["max_rel_error"] < 1e-9
+    assert out["leader_trajectory"]["implicit-cg (warm start, mixed precision)"]["max_rel_error"] < 1e-9
 
 
 def test_nonfinite_steering_in_a_trainer_run_leaves_finite_checkpoints(tmp_path, monkeypatch):

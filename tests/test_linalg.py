@@ -102,6 +102,39 @@ def test_conjugate_gradient_reports_negative_curvature():
     assert torch.isfinite(result.x).all()
 
 
+def test_mixed_precision_cg_reaches_float64_accuracy_with_float32_products():
+    Q, _ = torch.linalg.qr(torch.randn(200, 200, dtype=D))
+    A = Q @ torch.diag(torch.logspace(0, 1, 200, dtype=D)) @ Q.T
+    A32 = A.float()
+    b = torch.randn(200, dtype=D)
+    exact = torch.linalg.solve(A + 0.5 * torch.eye(200, dtype=D), b)
+    result = linalg.mixed_precision_cg(lambda v: A @ v, lambda v: A32 @ v, b, damping=0.5, tol=1e-12, max_iter=200)
+    assert not result.negative_curvature and result.residual <= 1e-12
+    assert ((result.x - exact).norm() / exact.norm()).item() < 1e-11  # far below float32's 6e-8
+    assert result.x.dtype == D
+    float64_products = result.iterations - result.low_precision_products
+    assert result.low_precision_products > 5 * float64_products >= 5  # a few float64 residuals, the rest float32
+    # a warm start from the answer stops after its one float64 residual
+    warm = linalg.mixed_precision_cg(lambda v: A @ v, lambda v: A32 @ v, b, x0=exact, damping=0.5, tol=1e-10)
+    assert warm.iterations == 1 and warm.low_precision_products == 0
+
+
+def test_mixed_precision_cg_finishes_in_float64_when_float32_cannot_help():
+    # cond(A) = 1e9: float32 products are too coarse to refine, so the solve falls back to plain float64 CG
+    Q, _ = torch.linalg.qr(torch.randn(40, 40, dtype=D))
+    A = Q @ torch.diag(torch.logspace(0, 9, 40, dtype=D)) @ Q.T
+    b = torch.randn(40, dtype=D)
+    result = linalg.mixed_precision_cg(lambda v: A @ v, lambda v: A.float() @ v, b, tol=1e-10, max_iter=2000)
+    plain = linalg.conjugate_gradient(lambda v: A @ v, b, tol=1e-10, max_iter=2000)
+    assert plain.residual <= 1e-10 and result.residual <= 1e-10
+    assert ((result.x - plain.x).norm() / plain.x.norm()).item() < 1e-6
+    # negative curvature met in the float32 solve is reported, as plain CG reports it
+    indefinite = torch.diag(torch.tensor([1.0, 2.0, -3.0, 4.0], dtype=D))
+    bad = linalg.mixed_precision_cg(lambda v: indefinite @ v, lambda v: indefinite.float() @ v,
+                                    torch.ones(4, dtype=D), tol=1e-12, max_iter=50)
+    assert bad.negative_curvature and torch.isfinite(bad.x).all()
+
+
 def test_neumann_converges_to_solve_as_terms_grow():
     Q, _ = torch.linalg.qr(torch.randn(10, 10, dtype=D))
     A = Q @ torch.diag(torch.linspace(0.5, 2.0, 10, dtype=D)) @ Q.T

@@ -17,11 +17,14 @@ gradient by autograd). Each time is a median over repeats and is also given as a
 gradient measured in the same run. When torchopt is installed, its implicit differentiation (`custom_root` with
 `solve_cg` at the same tolerance) runs on the same loss, data and solution in the same run, the two timed in turn.
 
-What to expect: on one cold solve both sides run conjugate gradients on the same operator to the same tolerance,
-each Hessian-vector product being two passes over X, so they need the same number of products (give or take one)
-and take about the same time; the JSON counts the products of each. The framework's advantage shows where it is
-used, round after round: `leader_trajectory` moves the leader a little each round and lets implicit-cg start
-from its previous rounds' solutions (its default), while TorchOpt's adjoint solve starts from zero every time.
+What to expect: on one cold solve, plain implicit-cg and TorchOpt run conjugate gradients on the same operator to
+the same tolerance, each Hessian-vector product being two passes over X, so they need the same number of products
+(give or take one) and take about the same time; the JSON counts the products of each. implicit-cg with
+`mixed_precision` takes most products in float32 (half the bytes of X per pass) and checks the residual in float64
+(iterative refinement, `linalg.mixed_precision_cg`): the same stopping test, so the same accuracy, at lower cost.
+Its first call also casts X to float32 once (`first_call_s`); the copy is reused while X is unchanged. Round
+after round, `leader_trajectory` moves the leader a little each round and lets implicit-cg start from its previous
+rounds' solutions (its default), while TorchOpt's adjoint solve starts from zero every time.
 
     stackelberg bench hypergrad                                 # 2,000 features, 4,000 + 4,000 rows
     stackelberg bench hypergrad --features 200 --train 400 --val 400 --repeats 3     # a quick run
@@ -214,10 +217,13 @@ def _rounds(game: RidgeGame, opts: argparse.Namespace, follower_gradient: Callab
     `--round-repeats` times, interleaved, ours always from the same warm start; the first round, cold for
     both, is not counted.
     """
-    cg = ImplicitCG(tol=opts.tol, max_iter=opts.max_iter, warm_start=True)
-    times: List[List[float]] = [[], [], []]
-    errors: List[List[float]] = [[], []]
-    iterations: List[int] = []
+    solvers = {"implicit-cg (warm start)": ImplicitCG(tol=opts.tol, max_iter=opts.max_iter, warm_start=True),
+               "implicit-cg (warm start, mixed precision)": ImplicitCG(tol=opts.tol, max_iter=opts.max_iter,
+                                                                       warm_start=True, mixed_precision=True)}
+    ours_count = len(solvers)
+    times: List[List[float]] = [[] for _ in range(ours_count + 2)]  # follower gradient, ours..., TorchOpt
+    errors: List[List[float]] = [[] for _ in range(ours_count + 1)]
+    iterations: List[List[int]] = [[] for _ in range(ours_count)]
     for r in range(opts.rounds + 1):
         with torch.no_grad():
             if r > 0:
@@ -226,48 +232,49 @@ def _rounds(game: RidgeGame, opts: argparse.Namespace, follower_gradient: Callab
             w_star = game.best_response()
             game.follower.value.copy_(w_star)
             exact = game.exact_hypergradient()
-        ours = _framework_estimate(game, cg, cold=False)
-        fns = [follower_gradient, ours]
+        ours = [_framework_estimate(game, cg, cold=False) for cg in solvers.values()]
+        fns = [follower_gradient, *ours]
         if opts.torchopt_available:
             fns.append(_torchopt_estimate(game, w_star, opts.tol, opts.max_iter))
         # repeat each round's calls (interleaved), every repeat of ours starting from the same warm start
-        warm = cg.state_dict()
+        warm = [cg.state_dict() for cg in solvers.values()]
         repeats = 1 if r == 0 else opts.round_repeats
         round_times: List[List[float]] = [[] for _ in fns]
+        outs: List[Any] = [None] * len(fns)
         for _ in range(repeats):
             for i, fn in enumerate(fns):
-                if fn is ours:
-                    cg.load_state_dict(warm)
+                if 1 <= i <= ours_count:
+                    list(solvers.values())[i - 1].load_state_dict(warm[i - 1])
                 start = time.perf_counter()
-                out = fn()
+                outs[i] = fn()
                 round_times[i].append(time.perf_counter() - start)
-                if fn is ours:
-                    solved = out
         if r == 0:
-            continue  # cold for both: not counted
+            continue  # cold for all: not counted
         for i, t in enumerate(round_times):
             times[i].append(statistics.median(t))
-        iterations.append(int(solved["diagnostics"]["solver/iterations"]))
-        errors[0].append(_relative_error(solved["gradient"], exact))
+        for k in range(ours_count):
+            iterations[k].append(int(outs[1 + k]["diagnostics"]["solver/iterations"]))
+            errors[k].append(_relative_error(outs[1 + k]["gradient"], exact))
         if opts.torchopt_available:
-            errors[1].append(_relative_error(out, exact))
+            errors[ours_count].append(_relative_error(outs[-1], exact))
     grad_time = statistics.median(times[0])
-    result: Dict[str, Any] = {
-        "rounds": opts.rounds, "round_step": opts.round_step,
-        "follower_grad_median_s": round(grad_time, 6),
-        "implicit-cg (warm start)": {
-            "max_rel_error": max(errors[0]), "median_time_s": round(statistics.median(times[1]), 5),
-            "time_in_follower_grads": round(statistics.median(times[1]) / grad_time, 2),
-            "iterations_per_round": iterations,
-        },
-    }
-    if opts.torchopt_available:
-        result["torchopt (cold, its default)"] = {
-            "max_rel_error": max(errors[1]), "median_time_s": round(statistics.median(times[2]), 5),
-            "time_in_follower_grads": round(statistics.median(times[2]) / grad_time, 2),
+    result: Dict[str, Any] = {"rounds": opts.rounds, "round_step": opts.round_step,
+                              "follower_grad_median_s": round(grad_time, 6)}
+    for k, name in enumerate(solvers):
+        result[name] = {
+            "max_rel_error": max(errors[k]), "median_time_s": round(statistics.median(times[1 + k]), 5),
+            "time_in_follower_grads": round(statistics.median(times[1 + k]) / grad_time, 2),
+            "hvps_per_round": iterations[k],
         }
-        result["ours_over_torchopt_time"] = round(statistics.median(times[1]) / statistics.median(times[2]), 3)
-        result["ours_at_least_as_accurate"] = max(errors[0]) <= 1.01 * max(errors[1])
+    if opts.torchopt_available:
+        theirs = statistics.median(times[-1])
+        result["torchopt (cold, its default)"] = {
+            "max_rel_error": max(errors[-1]), "median_time_s": round(theirs, 5),
+            "time_in_follower_grads": round(theirs / grad_time, 2),
+        }
+        for k, name in enumerate(solvers):
+            result[f"{name}_over_torchopt_time"] = round(statistics.median(times[1 + k]) / theirs, 3)
+            result[f"{name}_at_least_as_accurate"] = max(errors[k]) <= 1.01 * max(errors[-1])
     return result
 
 
@@ -323,17 +330,25 @@ def main(args: List[str]) -> Dict[str, Any]:
     # implicit-cg, timed interleaved with TorchOpt's implicit CG on the same problem when it is installed
     results: Dict[str, Any] = {}
     cg = ImplicitCG(tol=opts.tol, max_iter=opts.max_iter, warm_start=False)
-    fns = [follower_gradient, _framework_estimate(game, cg)]
+    mixed = ImplicitCG(tol=opts.tol, max_iter=opts.max_iter, warm_start=False, mixed_precision=True)
+    mixed_estimate = _framework_estimate(game, mixed)
+    start = time.perf_counter()
+    mixed_estimate()  # the first call also makes the float32 copy of X, kept for later solves
+    mixed_first_call = time.perf_counter() - start
+    fns = [follower_gradient, _framework_estimate(game, cg), mixed_estimate]
     if torchopt is not None:
         theirs = _torchopt_estimate(game, w_star, opts.tol, opts.max_iter)
         fns.append(theirs)
     cg_seconds, cg_outs = _paired_median_times(fns, opts.repeats)
     grad_time, cg_seconds, cg_outs = cg_seconds[0], cg_seconds[1:], cg_outs[1:]
-    out = cg_outs[0]
-    results["implicit-cg"] = entry(cg_seconds[0], out["gradient"], tol=opts.tol,
-                                   iterations=int(out["diagnostics"]["solver/iterations"]),
-                                   hvps=int(out["diagnostics"]["solver/iterations"]),
-                                   residual=out["diagnostics"]["solver/residual"])
+    for name, seconds, out in zip(("implicit-cg", "implicit-cg/mixed_precision"), cg_seconds, cg_outs):
+        diagnostics = out["diagnostics"]
+        float32 = int(diagnostics.get("solver/float32_products", 0))
+        results[name] = entry(seconds, out["gradient"], tol=opts.tol, hvps=int(diagnostics["solver/iterations"]),
+                              residual=diagnostics["solver/residual"])
+        if name.endswith("mixed_precision"):
+            results[name].update({"float32_hvps": float32, "float64_hvps": results[name]["hvps"] - float32,
+                                  "first_call_s": round(mixed_first_call, 5)})
     for terms in opts.neumann_terms:
         neumann = ImplicitNeumann(terms=terms, alpha=step)
         seconds, out = _median_time(_framework_estimate(game, neumann), opts.slow_repeats)
@@ -356,11 +371,11 @@ def main(args: List[str]) -> Dict[str, Any]:
         peer.update({"version": torchopt.__version__,
                      "method": "torchopt.diff.implicit.custom_root + linear_solve.solve_cg, timed interleaved "
                                "with implicit-cg",
-                     **entry(cg_seconds[1], cg_outs[1], tol=opts.tol, hvps=theirs.hvps)})
-        ours = results["implicit-cg"]
-        peer["ours_over_torchopt_time"] = round(cg_seconds[0] / cg_seconds[1], 3)
+                     **entry(cg_seconds[2], cg_outs[2], tol=opts.tol, hvps=theirs.hvps)})
         # errors near 1e-13 are rounding: equal to within 1% counts as "as accurate"
-        peer["ours_at_least_as_accurate"] = ours["rel_error"] <= 1.01 * peer["rel_error"]
+        for name, seconds in zip(("implicit-cg", "implicit-cg/mixed_precision"), cg_seconds):
+            peer[f"{name}_over_torchopt_time"] = round(seconds / cg_seconds[2], 3)
+            peer[f"{name}_at_least_as_accurate"] = results[name]["rel_error"] <= 1.01 * peer["rel_error"]
 
     opts.torchopt_available = torchopt is not None
     trajectory = _rounds(game, opts, follower_gradient) if opts.rounds > 0 else None

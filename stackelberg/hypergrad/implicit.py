@@ -6,7 +6,8 @@ d phi*/d theta = -H^-1 d^2 L_F / d phi d theta, with H the Hessian of L_F in phi
     v = -(H + damping I)^-1 grad_phi J
 
 solved with conjugate gradients (to a tolerance, warm-started from the last two rounds' solutions, which are kept
-in checkpoints) or with a truncated Neumann series. H is linearised once per solve (linalg.hvp_operator). The
+in checkpoints; for a float64 follower, optionally with most products in float32) or with a truncated Neumann
+series. H is linearised once per solve (linalg.hvp_operator). The
 current phi stands in for phi*: the closer the follower is to its best response, the closer this is to exact.
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from torch import Tensor
 
 from stackelberg.hypergrad import linalg
+from stackelberg.hypergrad.precision import LowPrecisionCopies
 from stackelberg.hypergrad.base import (
     Estimator,
     Steering,
@@ -39,18 +41,20 @@ class _Implicit(Estimator):
         self.damping = damping
         self.on_failure = on_failure
 
-    def solve(self, hvp, rhs: Tensor) -> linalg.SolveResult:
+    def solve(self, hvp, rhs: Tensor, problem: Optional[SteeringProblem] = None) -> linalg.SolveResult:
         raise NotImplementedError
 
     def steer(self, problem: SteeringProblem) -> Steering:
         rhs = leader_gradient_of(problem)
         local_hvp = linalg.hvp_operator(problem.follower_loss, problem.phi)
-        result = self.solve(lambda v: problem.reduce(local_hvp(v)), rhs)
+        result = self.solve(lambda v: problem.reduce(local_hvp(v)), rhs, problem)
         diagnostics = {
             "solver/residual": result.residual,
             "solver/iterations": float(result.iterations),
             "solver/failed": 0.0,
         }
+        if result.low_precision_products:
+            diagnostics["solver/float32_products"] = float(result.low_precision_products)
         # A residual above 1 means the answer is worse than none at all (a Neumann series with alpha too large
         # for H diverges: huge but finite adjoints that would throw the leader away).
         diverged = not result.residual <= 1.0
@@ -80,16 +84,26 @@ class ImplicitCG(_Implicit):
     name = "implicit-cg"
 
     def __init__(self, tol: float = 1e-6, max_iter: int = 50, damping: float = 0.0,
-                 warm_start: bool = True, on_failure: str = "skip"):
+                 warm_start: bool = True, on_failure: str = "skip", mixed_precision: bool = False):
         super().__init__(damping, on_failure)
         self.tol, self.max_iter, self.warm_start = tol, max_iter, warm_start
         self.previous: Optional[Tensor] = None  # the last round's solution
         self.older: Optional[Tensor] = None  # the one before it
+        # float64 followers only: products in float32, residuals in float64 (linalg.mixed_precision_cg)
+        self.low_precision = LowPrecisionCopies() if mixed_precision else None
 
-    def solve(self, hvp, rhs: Tensor) -> linalg.SolveResult:
+    def solve(self, hvp, rhs: Tensor, problem: Optional[SteeringProblem] = None) -> linalg.SolveResult:
+        """Solve (H + damping I) x = rhs; `problem` is needed only to take products in float32."""
         x0 = self.initial_guess(hvp, rhs) if self.warm_start else None
-        result = linalg.conjugate_gradient(hvp, rhs, x0=x0, damping=self.damping,
-                                           tol=self.tol, max_iter=self.max_iter)
+        if self.low_precision is not None and problem is not None and rhs.dtype == torch.float64:
+            copies = self.low_precision
+            with copies.swapped(problem.game):  # H is linearised on the float32 copies, once per solve
+                low_hvp = linalg.hvp_operator(copies.follower_loss(problem), problem.phi.detach().float())
+            result = linalg.mixed_precision_cg(hvp, lambda v: problem.reduce(low_hvp(v)), rhs, x0=x0,
+                                               damping=self.damping, tol=self.tol, max_iter=self.max_iter)
+        else:
+            result = linalg.conjugate_gradient(hvp, rhs, x0=x0, damping=self.damping,
+                                               tol=self.tol, max_iter=self.max_iter)
         if self.warm_start and not result.negative_curvature:
             self.older, self.previous = self.previous, result.x.detach()
         return result
@@ -139,14 +153,15 @@ class ImplicitNeumann(_Implicit):
         super().__init__(damping, on_failure)
         self.terms, self.alpha = terms, alpha
 
-    def solve(self, hvp, rhs: Tensor) -> linalg.SolveResult:
+    def solve(self, hvp, rhs: Tensor, problem: Optional[SteeringProblem] = None) -> linalg.SolveResult:
         return linalg.neumann_series(hvp, rhs, terms=self.terms, alpha=self.alpha, damping=self.damping)
 
 
 @register("implicit-cg")
 def _build_cg(config) -> ImplicitCG:
     return ImplicitCG(tol=config.tol, max_iter=config.max_iter, damping=config.damping,
-                      warm_start=config.warm_start, on_failure=config.on_failure)
+                      warm_start=config.warm_start, on_failure=config.on_failure,
+                      mixed_precision=config.mixed_precision)
 
 
 @register("implicit-neumann")
