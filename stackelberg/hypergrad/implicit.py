@@ -122,7 +122,8 @@ class ImplicitCG(_Implicit):
             return usable[0] if usable else None
         # the 2x2 system by hand, from dot products: tiny matrix calls can cost more than a product here
         x1, x2 = usable
-        a1, a2 = hvp(x1) + self.damping * x1, hvp(x2) + self.damping * x2
+        A = linalg.damped(hvp, self.damping)
+        a1, a2 = A(x1), A(x2)
         g11, g22, g12 = x1.dot(a1), x2.dot(a2), 0.5 * (x1.dot(a2) + x2.dot(a1))
         b1, b2 = x1.dot(rhs), x2.dot(rhs)
         det = g11 * g22 - g12 * g12

@@ -96,6 +96,13 @@ class SolveResult:
     low_precision_products: int = 0  # of `iterations`, the products taken in a lower precision
 
 
+def damped(matvec: Callable[[Tensor], Tensor], damping: float) -> Callable[[Tensor], Tensor]:
+    """v -> (A + damping I) v, for a product v -> A v."""
+    if not damping:
+        return matvec
+    return lambda v: matvec(v) + damping * v
+
+
 def conjugate_gradient(
     matvec: Callable[[Tensor], Tensor],
     b: Tensor,
@@ -110,9 +117,7 @@ def conjugate_gradient(
     follower's loss is not locally convex there: the solve stops and reports `negative_curvature` so that
     the caller can apply its configured fallback instead of returning a meaningless answer.
     """
-    def A(v: Tensor) -> Tensor:
-        return matvec(v) + damping * v if damping else matvec(v)
-
+    A = damped(matvec, damping)
     b_norm = b.norm()
     if b_norm == 0:
         return SolveResult(torch.zeros_like(b), 0, 0.0)
@@ -160,9 +165,7 @@ def mixed_precision_cg(
     finishes from the last good x, so a badly conditioned system still converges, at up to a quarter more
     products. `iterations` counts every product, `low_precision_products` the low-precision ones.
     """
-    def A(v: Tensor) -> Tensor:
-        return matvec(v) + damping * v if damping else matvec(v)
-
+    A = damped(matvec, damping)
     b_norm = b.norm()
     if b_norm == 0:
         return SolveResult(torch.zeros_like(b), 0, 0.0)
@@ -205,9 +208,7 @@ def neumann_series(
     Converges when alpha * lambda_max(A + damping I) < 2 and A + damping I is positive definite; the result's
     residual says how far it got.
     """
-    def A(v: Tensor) -> Tensor:
-        return matvec(v) + damping * v if damping else matvec(v)
-
+    A = damped(matvec, damping)
     term = b.clone()
     total = b.clone()
     for _ in range(terms - 1):
