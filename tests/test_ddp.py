@@ -38,9 +38,11 @@ class DumpingGame(QuadraticGame):
                        Path(folder) / f"rank{self.global_rank}.pt")
 
 
-@pytest.mark.parametrize("recipe", ["quadratic/noisy", "quadratic/score-function"])
-def test_ddp_two_processes_end_identical(recipe, tmp_path):
-    """Pathwise (noisy actions) and score-function (sampled actions, per-sample steering rewards) under DDP."""
+@pytest.mark.parametrize("recipe, extra", [("quadratic/noisy", []),
+                                           ("quadratic/score-function", ["estimator.mixed_precision=true"])])
+def test_ddp_two_processes_end_identical(recipe, extra, tmp_path):
+    """Pathwise (noisy actions) and score-function (sampled actions, per-sample steering rewards) under DDP; the
+    second with CG's products in float32, each reduced across the processes as the float64 ones are."""
     from conftest import REPO, run_cli
 
     dump = tmp_path / "dump"
@@ -50,7 +52,7 @@ def test_ddp_two_processes_end_identical(recipe, tmp_path):
     result = run_cli("run", recipe, "game.name=test_ddp:DumpingGame", "rounds=12",
                      "trainer.rounds_per_epoch=6", "trainer.strategy=ddp", "trainer.devices=2",
                      "trainer.accelerator=cpu", "trainer.progress_bar=false", f"output_dir={tmp_path / 'run'}",
-                     env=env, timeout=240)
+                     *extra, env=env, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [torch.load(dump / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     assert all(r["world_size"] == 2 and r["round"] == 12 for r in ranks)
@@ -61,3 +63,8 @@ def test_ddp_two_processes_end_identical(recipe, tmp_path):
     assert torch.equal(ranks[0]["follower"], ranks[1]["follower"])
     assert ranks[0]["leader"].abs().sum() > 0
     assert (tmp_path / "run" / "summary.json").is_file()
+    if extra:  # the solves did run in float32 (logged per round by rank 0)
+        import json
+
+        rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+        assert all(row["solver/float32_products"] > 0 for row in rows)

@@ -35,6 +35,8 @@ class SolverFailure(RuntimeError):
 class _Implicit(Estimator):
     """Shared logic: build the HVP operator, solve, apply the fallback on failure."""
 
+    low_precision: Optional[LowPrecisionCopies] = None  # set by estimators that solve in mixed precision
+
     def __init__(self, damping: float = 0.0, on_failure: str = "skip"):
         if on_failure not in ("skip", "raise"):
             raise ValueError(f"estimator.on_failure must be 'skip' or 'raise', got {on_failure!r}")
@@ -53,7 +55,7 @@ class _Implicit(Estimator):
             "solver/iterations": float(result.iterations),
             "solver/failed": 0.0,
         }
-        if result.low_precision_products:
+        if self.low_precision is not None:
             diagnostics["solver/float32_products"] = float(result.low_precision_products)
         # A residual above 1 means the answer is worse than none at all (a Neumann series with alpha too large
         # for H diverges: huge but finite adjoints that would throw the leader away).
