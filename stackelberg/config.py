@@ -7,7 +7,7 @@ declares in its nested `Config` dataclass. Each field's `help` metadata is the d
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 
 def doc(default: Any, help: str, **kwargs: Any) -> Any:
@@ -37,6 +37,8 @@ class EstimatorConfig:
     alpha: float = doc(0.1, "implicit-neumann: step alpha of the series; needs alpha * lambda_max(H) < 2")
     on_failure: str = doc("skip", "implicit-*: on negative curvature or a non-finite solve, 'skip' the "
                                   "steering this step (logged) or 'raise'")
+    options: Dict[str, Any] = doc({}, "keys of an estimator of your own (registered with stackelberg.register), "
+                                      "e.g. estimator.options.scale=2; its factory reads and checks them")
 
 
 @dataclass

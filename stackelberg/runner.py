@@ -73,9 +73,20 @@ def _versions() -> Dict[str, str]:
 def execute(recipe: Recipe, run_dir: Path, ckpt_path: Optional[Path] = None, quiet: bool = False) -> Dict[str, Any]:
     """Play a validated recipe into `run_dir` (resuming from `ckpt_path` if given); return the summary."""
     cfg = to_object(recipe.config)
-    tc = cfg.trainer
     run_dir = Path(os.environ.get(_RUN_DIR_ENV) or run_dir)
-    os.environ[_RUN_DIR_ENV] = str(run_dir)
+    os.environ[_RUN_DIR_ENV] = str(run_dir)  # DDP's other processes re-run the command and read it
+    try:
+        game, trainer, logger, wall = _fit(recipe, cfg, run_dir, ckpt_path, quiet)
+    finally:  # also when the recipe fails to build: a later run in this process must not inherit the folder
+        os.environ.pop(_RUN_DIR_ENV, None)
+    if not trainer.is_global_zero:
+        return {}
+    return finish(recipe, game, run_dir, logger, wall)
+
+
+def _fit(recipe: Recipe, cfg: Any, run_dir: Path, ckpt_path: Optional[Path], quiet: bool):
+    """Build the game and its Trainer, fit; return (game, trainer, logger, wall seconds)."""
+    tc = cfg.trainer
     if tc.threads > 0:
         torch.set_num_threads(tc.threads)
     game = build_game(recipe)
@@ -96,15 +107,9 @@ def execute(recipe: Recipe, run_dir: Path, ckpt_path: Optional[Path] = None, qui
         stored.name, stored.base = recipe.name, None
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(stored))
     started = time.time()
-    try:
-        trainer.fit(game, train_dataloaders=_rounds_loader(tc.rounds_per_epoch),
-                    ckpt_path=str(ckpt_path) if ckpt_path else None)
-    finally:
-        os.environ.pop(_RUN_DIR_ENV, None)
-    wall = time.time() - started
-    if not trainer.is_global_zero:
-        return {}
-    return finish(recipe, game, run_dir, logger, wall)
+    trainer.fit(game, train_dataloaders=_rounds_loader(tc.rounds_per_epoch),
+                ckpt_path=str(ckpt_path) if ckpt_path else None)
+    return game, trainer, logger, time.time() - started
 
 
 def finish(recipe: Recipe, game: Any, run_dir: Path, logger: Optional[TensorBoardLogger], wall: float) -> Dict:

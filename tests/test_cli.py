@@ -92,3 +92,33 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     # the leader actually moved, so the comparison is not between two untouched games
     start = runner.build_game(runner.load_recipe("quadratic/noisy", ["seed=3"]))
     assert not torch.equal(start.leader.value, a["state_dict"]["leader.value"])
+
+
+def test_an_estimator_of_ones_own_reads_its_keys_from_estimator_options(tmp_path, monkeypatch, capsys):
+    from stackelberg import NoSteering
+    from stackelberg.hypergrad import REGISTRY
+
+    seen = {}
+
+    def build(config):
+        unknown = set(config.options) - {"scale"}
+        if unknown:
+            raise ValueError(f"estimator.options: 'mine' has no key(s) {sorted(unknown)}")
+        seen["scale"] = config.options["scale"]
+        return NoSteering()
+
+    monkeypatch.setitem(REGISTRY, "mine", build)  # removed after the test
+    runner.run("quadratic/none", ["estimator.name=mine", "estimator.options.scale=2.5", "rounds=2",
+                                  f"output_dir={tmp_path / 'a'}"], quiet=True)
+    assert seen["scale"] == 2.5
+    assert "scale: 2.5" in (tmp_path / "a" / "config.yaml").read_text()  # kept with the run
+    # the factory's check reaches the command line as one line, and nothing is started
+    capsys.readouterr()
+    assert cli.main(["run", "quadratic/none", "estimator.name=mine", "estimator.options.scal=2",
+                     f"output_dir={tmp_path / 'b'}"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "'scal'" in err[0]
+    assert not (tmp_path / "b").exists()
+    # and the failed command leaves nothing behind: the next run in this process writes where it is told
+    runner.run("quadratic/none", ["rounds=1", f"output_dir={tmp_path / 'c'}"], quiet=True)
+    assert (tmp_path / "c" / "summary.json").is_file()

@@ -90,6 +90,20 @@ def test_low_precision_copies_are_reused_until_the_tensor_changes():
         assert game.B is not first
         torch.testing.assert_close(game.B, 2.0 * first)
     assert game.B.dtype == D and isinstance(game.leader.value, torch.nn.Parameter)
+    # a buffer replaced by another tensor gets a new copy; the originals return even when the body raises
+    game.B = 3.0 * game.B
+    with pytest.raises(RuntimeError, match="inside"):
+        with copies.swapped(game):
+            torch.testing.assert_close(game.B, (3.0 * 2.0 * first))
+            raise RuntimeError("inside")
+    assert game.B.dtype == D
+    # a tensor shared by two modules (tied weights) reads as one copy in both
+    shared = torch.nn.Parameter(torch.randn(3, 3, dtype=D))
+    tied = torch.nn.Sequential(torch.nn.Linear(3, 3, dtype=D), torch.nn.Linear(3, 3, dtype=D))
+    tied[0].weight = tied[1].weight = shared
+    with copies.swapped(tied):
+        assert tied[0].weight is tied[1].weight and tied[0].weight.dtype == torch.float32
+    assert tied[0].weight is shared
 
 
 def test_implicit_neumann_converges_as_terms_grow():
@@ -255,7 +269,8 @@ def test_implicit_warm_start_from_two_solutions_beats_the_last_one():
         iterations.append(result.iterations)
     b = b0 + 0.04 * db
     exact = torch.linalg.solve(A, b)
-    x0 = cg.initial_guess(lambda v: A @ v, b)
+    x0, spent = cg.initial_guess(lambda v: A @ v, b)
+    assert spent == 2  # the projection's two products (counted in the solve's iterations)
 
     def energy(e):
         return (e @ A @ e).sqrt().item()
@@ -264,7 +279,7 @@ def test_implicit_warm_start_from_two_solutions_beats_the_last_one():
     assert iterations[2] < iterations[1] < iterations[0], iterations
     # two (nearly) identical solutions: the projection is singular, the start falls back to the last one
     cg.older = cg.previous.clone()
-    assert torch.equal(cg.initial_guess(lambda v: A @ v, b), cg.previous)
+    assert torch.equal(cg.initial_guess(lambda v: A @ v, b)[0], cg.previous)
 
 
 def indefinite(game: QuadraticGame) -> QuadraticGame:

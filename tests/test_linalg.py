@@ -114,25 +114,59 @@ def test_mixed_precision_cg_reaches_float64_accuracy_with_float32_products():
     assert result.x.dtype == D
     float64_products = result.iterations - result.low_precision_products
     assert result.low_precision_products > 5 * float64_products >= 5  # a few float64 residuals, the rest float32
+    assert result.iterations <= 200
     # a warm start from the answer stops after its one float64 residual
     warm = linalg.mixed_precision_cg(lambda v: A @ v, lambda v: A32 @ v, b, x0=exact, damping=0.5, tol=1e-10)
     assert warm.iterations == 1 and warm.low_precision_products == 0
 
 
 def test_mixed_precision_cg_finishes_in_float64_when_float32_cannot_help():
-    # cond(A) = 1e9: float32 products are too coarse to refine, so the solve falls back to plain float64 CG
-    Q, _ = torch.linalg.qr(torch.randn(40, 40, dtype=D))
-    A = Q @ torch.diag(torch.logspace(0, 9, 40, dtype=D)) @ Q.T
+    def system(eigenvalues, seed):
+        torch.manual_seed(seed)
+        Q, _ = torch.linalg.qr(torch.randn(len(eigenvalues), len(eigenvalues), dtype=D))
+        return Q @ torch.diag(eigenvalues.to(D)) @ Q.T, Q
+
+    # cond(A) = 1e9: float32 products are too coarse to refine with, so float64 CG finishes the solve
+    A, _ = system(torch.logspace(0, 9, 40), 0)
     b = torch.randn(40, dtype=D)
-    result = linalg.mixed_precision_cg(lambda v: A @ v, lambda v: A.float() @ v, b, tol=1e-10, max_iter=2000)
     plain = linalg.conjugate_gradient(lambda v: A @ v, b, tol=1e-10, max_iter=2000)
-    assert plain.residual <= 1e-10 and result.residual <= 1e-10
+    result = linalg.mixed_precision_cg(lambda v: A @ v, lambda v: A.float() @ v, b, tol=1e-10, max_iter=2000)
+    assert plain.residual <= 1e-10 and result.residual <= 1e-10 and result.iterations <= 2000
+    assert result.iterations - result.low_precision_products >= plain.iterations  # float64 did the work
     assert ((result.x - plain.x).norm() / plain.x.norm()).item() < 1e-6
-    # negative curvature met in the float32 solve is reported, as plain CG reports it
+    # positive definite with eigenvalues near 0: float32's rounding makes it look indefinite, float64 does not
+    A, Q = system(torch.cat([torch.full((10,), 1e-9), torch.linspace(0.5, 1.0, 50)]), 1)
+    b = Q[:, :10] @ torch.randn(10, dtype=D) + 1e-3 * torch.randn(60, dtype=D)
+    plain = linalg.conjugate_gradient(lambda v: A @ v, b, tol=1e-6, max_iter=400)
+    result = linalg.mixed_precision_cg(lambda v: A @ v, lambda v: A.float() @ v, b, tol=1e-6, max_iter=400)
+    assert not plain.negative_curvature and not result.negative_curvature and result.residual <= 1e-6
+    # a truly indefinite system is reported as plain CG reports it
     indefinite = torch.diag(torch.tensor([1.0, 2.0, -3.0, 4.0], dtype=D))
     bad = linalg.mixed_precision_cg(lambda v: indefinite @ v, lambda v: indefinite.float() @ v,
                                     torch.ones(4, dtype=D), tol=1e-12, max_iter=50)
     assert bad.negative_curvature and torch.isfinite(bad.x).all()
+
+
+def test_conjugate_gradient_stops_when_its_directions_show_a_larger_condition_number():
+    A = torch.diag(torch.logspace(0, 6, 50, dtype=D))
+    b = torch.ones(50, dtype=D)
+    stopped = linalg.conjugate_gradient(lambda v: A @ v, b, tol=1e-12, max_iter=500, max_condition=1e3)
+    assert stopped.too_ill_conditioned and stopped.residual > 1e-12
+    # the Rayleigh quotients never exceed the true condition number: with a limit above it, CG runs to the end
+    full = linalg.conjugate_gradient(lambda v: A @ v, b, tol=1e-8, max_iter=500, max_condition=1.01e6)
+    assert not full.too_ill_conditioned and full.residual <= 1e-8
+
+
+def test_solvers_stay_within_their_budget():
+    Q, _ = torch.linalg.qr(torch.randn(300, 300, dtype=D))
+    A = Q @ torch.diag(torch.linspace(1, 50, 300, dtype=D)) @ Q.T
+    b = torch.randn(300, dtype=D)
+    for budget in (2, 7, 50):
+        for x0 in (None, torch.randn(300, dtype=D)):
+            plain = linalg.conjugate_gradient(lambda v: A @ v, b, x0=x0, tol=1e-14, max_iter=budget)
+            mixed = linalg.mixed_precision_cg(lambda v: A @ v, lambda v: A.float() @ v, b, x0=x0, tol=1e-14,
+                                              max_iter=budget)
+            assert plain.iterations == budget and mixed.iterations <= budget
 
 
 def test_neumann_converges_to_solve_as_terms_grow():

@@ -12,7 +12,7 @@ current phi stands in for phi*: the closer the follower is to its best response,
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -55,7 +55,7 @@ class _Implicit(Estimator):
             "solver/iterations": float(result.iterations),
             "solver/failed": 0.0,
         }
-        if self.low_precision is not None:
+        if self.low_precision is not None and rhs.dtype == self.low_precision.high:  # the mixed path ran
             diagnostics["solver/float32_products"] = float(result.low_precision_products)
         # A residual above 1 means the answer is worse than none at all (a Neumann series with alpha too large
         # for H diverges: huge but finite adjoints that would throw the leader away).
@@ -96,22 +96,32 @@ class ImplicitCG(_Implicit):
 
     def solve(self, hvp, rhs: Tensor, problem: Optional[SteeringProblem] = None) -> linalg.SolveResult:
         """Solve (H + damping I) x = rhs; `problem` is needed only to take products in float32."""
-        x0 = self.initial_guess(hvp, rhs) if self.warm_start else None
-        if self.low_precision is not None and problem is not None and rhs.dtype == torch.float64:
-            copies = self.low_precision
-            with copies.swapped(problem.game):  # H is linearised on the float32 copies, once per solve
-                low_hvp = linalg.hvp_operator(copies.follower_loss(problem), problem.phi.detach().float())
-            result = linalg.mixed_precision_cg(hvp, lambda v: problem.reduce(low_hvp(v)), rhs, x0=x0,
-                                               damping=self.damping, tol=self.tol, max_iter=self.max_iter)
+        x0, guess_products = self.initial_guess(hvp, rhs) if self.warm_start else (None, 0)
+        budget = max(self.max_iter - guess_products, 0)  # max_iter counts every product of the solve
+        copies = self.low_precision
+        if copies is not None and problem is not None and rhs.dtype == copies.high:
+            low_hvp = None
+
+            def low_product(v: Tensor) -> Tensor:
+                nonlocal low_hvp
+                if low_hvp is None:  # linearised on the float32 copies once per solve, if the solve needs it
+                    with copies.swapped(problem.game):
+                        low_hvp = linalg.hvp_operator(copies.follower_loss(problem),
+                                                      problem.phi.detach().to(copies.low))
+                return problem.reduce(low_hvp(v))
+
+            result = linalg.mixed_precision_cg(hvp, low_product, rhs, x0=x0, damping=self.damping, tol=self.tol,
+                                               max_iter=budget, low_dtype=copies.low)
         else:
-            result = linalg.conjugate_gradient(hvp, rhs, x0=x0, damping=self.damping,
-                                               tol=self.tol, max_iter=self.max_iter)
+            result = linalg.conjugate_gradient(hvp, rhs, x0=x0, damping=self.damping, tol=self.tol,
+                                               max_iter=budget)
+        result.iterations += guess_products
         if self.warm_start and not result.negative_curvature:
             self.older, self.previous = self.previous, result.x.detach()
         return result
 
-    def initial_guess(self, hvp, rhs: Tensor) -> Optional[Tensor]:
-        """Where CG starts: the last solution, or the best combination of the last two.
+    def initial_guess(self, hvp, rhs: Tensor) -> Tuple[Optional[Tensor], int]:
+        """Where CG starts (the last solution, or the best combination of the last two) and the products spent.
 
         With two previous solutions x1, x2 the start is their combination closest to the new answer in the
         energy norm (a Galerkin projection on span{x1, x2}, two extra products). Along a leader that moves
@@ -121,7 +131,7 @@ class ImplicitCG(_Implicit):
         usable = [x.to(rhs.device) for x in (self.previous, self.older)
                   if x is not None and x.shape == rhs.shape and x.dtype == rhs.dtype]
         if len(usable) < 2:
-            return usable[0] if usable else None
+            return (usable[0] if usable else None), 0
         # the 2x2 system by hand, from dot products: tiny matrix calls can cost more than a product here
         x1, x2 = usable
         A = linalg.damped(hvp, self.damping)
@@ -131,9 +141,9 @@ class ImplicitCG(_Implicit):
         det = g11 * g22 - g12 * g12
         if not (torch.isfinite(det) and g11 > 0 and g22 > 0
                 and det > torch.finfo(rhs.dtype).eps ** 0.5 * g11 * g22):
-            return x1
+            return x1, 2
         x0 = ((g22 * b1 - g12 * b2) / det) * x1 + ((g11 * b2 - g12 * b1) / det) * x2
-        return x0 if torch.isfinite(x0).all() else x1
+        return (x0 if torch.isfinite(x0).all() else x1), 2
 
     def forget(self) -> None:
         self.previous = self.older = None

@@ -94,6 +94,7 @@ class SolveResult:
     residual: float  # relative residual ||b - A x|| / ||b||
     negative_curvature: bool = False
     low_precision_products: int = 0  # of `iterations`, the products taken in a lower precision
+    too_ill_conditioned: bool = False  # stopped by `max_condition`
 
 
 def damped(matvec: Callable[[Tensor], Tensor], damping: float) -> Callable[[Tensor], Tensor]:
@@ -110,29 +111,47 @@ def conjugate_gradient(
     damping: float = 0.0,
     tol: float = 1e-10,
     max_iter: int = 100,
+    r0: Tensor | None = None,
+    max_condition: float | None = None,
 ) -> SolveResult:
     """Solve (A + damping I) x = b for symmetric positive-definite A by conjugate gradients.
 
-    Stops when ||r|| <= tol * ||b|| or after max_iter products. A direction with p^T A p <= 0 means the
-    follower's loss is not locally convex there: the solve stops and reports `negative_curvature` so that
-    the caller can apply its configured fallback instead of returning a meaningless answer.
+    Stops when ||r|| <= tol * ||b|| or after max_iter products (the residual of a start x0 counts as one, unless
+    the caller passes it as r0). A direction with p^T A p <= 0 means the follower's loss is not locally convex
+    there: the solve stops and reports `negative_curvature` so that the caller can apply its configured fallback
+    instead of returning a meaningless answer. With `max_condition`, the solve also stops (`too_ill_conditioned`)
+    once the Rayleigh quotients p^T A p / p^T p of its directions, which lie between A's smallest and largest
+    eigenvalues, span more than that ratio: a lower bound on cond(A) has passed it.
     """
     A = damped(matvec, damping)
     b_norm = b.norm()
     if b_norm == 0:
         return SolveResult(torch.zeros_like(b), 0, 0.0)
     x = torch.zeros_like(b) if x0 is None else x0.clone()
-    r = b - A(x) if x0 is not None else b.clone()
+    it = 0
+    if x0 is None:
+        r = b.clone()
+    elif r0 is not None:
+        r = r0.clone()
+    else:
+        r = b - A(x)
+        it = 1
     p = r.clone()
     rs = r.dot(r)
     threshold = (tol * b_norm) ** 2
-    it = 0
+    lowest = highest = None  # Rayleigh quotients seen, for max_condition
     while it < max_iter and rs > threshold:
         Ap = A(p)
         curvature = p.dot(Ap)
         it += 1
         if not curvature > 0:  # also catches NaN
             return SolveResult(x, it, (rs.sqrt() / b_norm).item(), negative_curvature=True)
+        if max_condition is not None:
+            rayleigh = curvature / p.dot(p)
+            lowest = rayleigh if lowest is None else torch.minimum(lowest, rayleigh)
+            highest = rayleigh if highest is None else torch.maximum(highest, rayleigh)
+            if highest > max_condition * lowest:
+                return SolveResult(x, it, (rs.sqrt() / b_norm).item(), too_ill_conditioned=True)
         alpha = rs / curvature
         x = x + alpha * p
         r = r - alpha * Ap
@@ -157,14 +176,19 @@ def mixed_precision_cg(
 
     Iterative refinement: the residual r = b - (A + damping I) x is computed with `matvec` in b's precision, a
     correction d with (A + damping I) d = r is solved by CG with `low_matvec` (the same operator in `low_dtype`)
-    to `inner_tol` relative to r, and x += d. The stopping test is the same as `conjugate_gradient`'s, on a
-    residual computed in b's precision, so the answer is as accurate; but where a product is memory-bound a
-    float32 one costs about half a float64 one. Each refinement gains about -log10(inner_tol) digits while
-    cond(A) times float32's rounding (6e-8) stays well below inner_tol. An inner solve may use a quarter of the
-    products left; one whose correction fails to halve the residual is dropped and plain CG in b's precision
-    finishes from the last good x, so a badly conditioned system still converges, at up to a quarter more
-    products. `iterations` counts every product, `low_precision_products` the low-precision ones.
+    to `inner_tol` relative to r, and x += d. The stopping test is `conjugate_gradient`'s, on a residual computed
+    in b's precision, so the answer is as accurate; but where a product is memory-bound a float32 one costs about
+    half a float64 one. Each refinement gains about -log10(inner_tol) digits while cond(A) times float32's
+    rounding (6e-8) stays well below inner_tol. The float64 residuals and the restart of each refinement cost a
+    few products more than plain CG would take: give `max_iter` some room.
+
+    If float32 cannot help, the correction is dropped and plain CG in b's precision finishes from the last good x:
+    when the float32 solve finds cond(A) above 1e-3 / (float32's rounding), about 1.7e4 (see `max_condition` in
+    `conjugate_gradient`), when its correction fails to halve the residual, or when rounding makes A look
+    indefinite or overflows. A negative curvature that float64 confirms is reported as `conjugate_gradient`
+    reports it. `iterations` counts every product (at most max_iter), `low_precision_products` the float32 ones.
     """
+    max_condition = 1e-3 / torch.finfo(low_dtype).eps
     A = damped(matvec, damping)
     b_norm = b.norm()
     if b_norm == 0:
@@ -174,23 +198,24 @@ def mixed_precision_cg(
     products = 0 if x0 is None else 1
     low_products = 0
     r_norm = r.norm()
-    while r_norm > tol * b_norm and products < max_iter:
-        # solve for r / ||r||: a residual near 1e-12 ||b|| would otherwise sit close to float32's smallest numbers
+    while r_norm > tol * b_norm and products + 2 <= max_iter:  # room for a correction and its float64 residual
+        # solve for r / ||r||: a residual near 1e-12 ||b|| would otherwise sit close to float32's smallest numbers;
         # the last refinement needs only the digits still missing (halved, for the float32 rounding it adds)
         needed = min(max(inner_tol, 0.5 * (tol * b_norm / r_norm).item()), 0.5)
         inner = conjugate_gradient(low_matvec, (r / r_norm).to(low_dtype), damping=damping, tol=needed,
-                                   max_iter=max(1, (max_iter - products) // 4))
+                                   max_iter=max_iter - products - 1, max_condition=max_condition)
         products += inner.iterations
         low_products += inner.iterations
-        if inner.negative_curvature:
-            return SolveResult(x, products, (r_norm / b_norm).item(), True, low_products)
         refined = x + r_norm * inner.x.to(b.dtype)
-        refined_r = b - A(refined)
-        products += 1
-        refined_norm = refined_r.norm()
-        if not refined_norm < 0.5 * r_norm:  # float32 has stopped helping (also catches NaN): finish in float64
-            rest = conjugate_gradient(matvec, b, x0=x, damping=damping, tol=tol, max_iter=max_iter - products)
-            return SolveResult(rest.x, products + 1 + rest.iterations, rest.residual, rest.negative_curvature,
+        helped = not (inner.negative_curvature or inner.too_ill_conditioned) and bool(torch.isfinite(refined).all())
+        if helped:
+            refined_r = b - A(refined)
+            products += 1
+            refined_norm = refined_r.norm()
+            helped = bool(refined_norm < 0.5 * r_norm)  # False for NaN too
+        if not helped:  # finish in b's precision from the last good x, whose residual is known
+            rest = conjugate_gradient(matvec, b, x0=x, r0=r, damping=damping, tol=tol, max_iter=max_iter - products)
+            return SolveResult(rest.x, products + rest.iterations, rest.residual, rest.negative_curvature,
                                low_products)
         x, r, r_norm = refined, refined_r, refined_norm
     return SolveResult(x, products, (r_norm / b_norm).item(), low_precision_products=low_products)
