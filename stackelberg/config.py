@@ -38,7 +38,8 @@ class EstimatorConfig:
     on_failure: str = doc("skip", "implicit-*: on negative curvature or a non-finite solve, 'skip' the "
                                   "steering this step (logged) or 'raise'")
     options: Dict[str, Any] = doc({}, "keys of an estimator of your own (registered with stackelberg.register), "
-                                      "e.g. estimator.options.scale=2; its factory reads and checks them")
+                                      "e.g. estimator.options.scale=2; its factory reads and checks them (the "
+                                      "built-in estimators take none)")
 
 
 @dataclass

@@ -22,7 +22,8 @@ the same tolerance, each Hessian-vector product being two passes over X, so they
 (give or take one) and take about the same time; the JSON counts the products of each. implicit-cg with
 `mixed_precision` takes most products in float32 (half the bytes of X per pass) and checks the residual in float64
 (iterative refinement, `linalg.mixed_precision_cg`): the same stopping test, so the same accuracy, at lower cost.
-Its first call also casts X to float32 once (`first_call_s`); the copy is reused while X is unchanged. Round
+Its first call also casts the game's float64 tensors to float32 (`first_call_s`, which also holds any one-off
+warm-up of the process); the copies are reused while the tensors are unchanged. Round
 after round, `leader_trajectory` moves the leader a little each round and lets implicit-cg start from its previous
 rounds' solutions (its default), while TorchOpt's adjoint solve starts from zero every time.
 
@@ -215,7 +216,7 @@ def _rounds(game: RidgeGame, opts: argparse.Namespace, follower_gradient: Callab
     combination of the last two solutions); TorchOpt's `solve_cg` starts from zero (its default, and its
     custom_root keeps no adjoint between calls). Same tolerance; each round's calls are repeated
     `--round-repeats` times, interleaved, ours always from the same warm start; the first round, cold for
-    both, is not counted.
+    all, is not counted.
     """
     solvers = {"implicit-cg (warm start)": ImplicitCG(tol=opts.tol, max_iter=opts.max_iter, warm_start=True),
                "implicit-cg (warm start, mixed precision)": ImplicitCG(tol=opts.tol, max_iter=opts.max_iter,

@@ -130,7 +130,7 @@ class ImplicitCG(_Implicit):
         """
         usable = [x.to(rhs.device) for x in (self.previous, self.older)
                   if x is not None and x.shape == rhs.shape and x.dtype == rhs.dtype]
-        if len(usable) < 2:
+        if len(usable) < 2 or self.max_iter < 3:  # the projection's two products need a budget to come from
             return (usable[0] if usable else None), 0
         # the 2x2 system by hand, from dot products: tiny matrix calls can cost more than a product here
         x1, x2 = usable

@@ -7,7 +7,7 @@ tensors, so each piece is tested against an exact answer in tests/test_linalg.py
 - `hvp_operator`  linearises grad L once and returns v -> H v (reverse-over-reverse, reused for every product).
 - `per_sample_grads`  the per-sample gradients of per-sample losses, batched with vmap.
 - `per_sample_directional`  < grad_phi l_i, v > for every sample i in one forward-mode JVP.
-- `conjugate_gradient`, `neumann_series`  solvers for (H + damping I) x = b.
+- `conjugate_gradient`, `neumann_series`  solvers for (H + damping I) x = b (`damped` adds the damping).
 - `mixed_precision_cg`  the same solve to float64's tolerance with most products in float32 (refinement).
 """
 from __future__ import annotations
@@ -183,7 +183,7 @@ def mixed_precision_cg(
     few products more than plain CG would take: give `max_iter` some room.
 
     If float32 cannot help, the correction is dropped and plain CG in b's precision finishes from the last good x:
-    when the float32 solve finds cond(A) above 1e-3 / (float32's rounding), about 1.7e4 (see `max_condition` in
+    when the float32 solve finds cond(A) above 1e-3 / (float32's machine epsilon), about 8.4e3 (`max_condition` in
     `conjugate_gradient`), when its correction fails to halve the residual, or when rounding makes A look
     indefinite or overflows. A negative curvature that float64 confirms is reported as `conjugate_gradient`
     reports it. `iterations` counts every product (at most max_iter), `low_precision_products` the float32 ones.

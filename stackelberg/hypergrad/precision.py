@@ -47,9 +47,13 @@ class LowPrecisionCopies:
         """The low copy of `t`: from this swap (tied tensors), from earlier swaps if `t` is unchanged, or new."""
         key = id(t)
         if key not in seen:
-            signature = (t._version, t.data_ptr(), t.device, t.shape)
+            try:
+                version = t._version
+            except RuntimeError:  # an inference-mode tensor keeps no version: copy it anew at every solve
+                version = None
+            signature = (version, t.data_ptr(), t.device, t.shape)
             hit = self._cache.get(key)
-            if hit is None or hit[0] is not t or hit[1] != signature:
+            if hit is None or version is None or hit[1] != signature:
                 hit = (t, signature, t.detach().to(self.low))  # holding t keeps its id from being reused
             seen[key] = hit
         return seen[key][2]
