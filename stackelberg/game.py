@@ -70,12 +70,23 @@ def detach_batch(batch: Batch) -> Batch:
     return {k: v.detach() if isinstance(v, Tensor) else v for k, v in batch.items()}
 
 
-def leave_one_out(values: Tensor) -> Tensor:
-    """values_i minus the mean of the other samples (RLOO's baseline); values as they are when n = 1."""
-    n = values.shape[0]
-    if n < 2:
-        return values
-    return values - (values.sum() - values) / (n - 1)
+def leave_one_out(values: Tensor, groups: Optional[Tensor] = None) -> Tensor:
+    """values_i minus the mean of the other samples (RLOO's baseline).
+
+    With `groups` (one integer id per sample, e.g. the prompt an answer was sampled for), the baseline is the mean
+    of the other samples of the same group. A sample with no other sample to compare with keeps its value.
+    """
+    if groups is None:
+        n = values.shape[0]
+        if n < 2:
+            return values
+        return values - (values.sum() - values) / (n - 1)
+    ids = torch.unique(groups, return_inverse=True)[1]
+    size = int(ids.max()) + 1
+    sums = torch.zeros(size, dtype=values.dtype, device=values.device).index_add(0, ids, values)
+    others = torch.bincount(ids, minlength=size).to(values.dtype)[ids] - 1
+    baseline = (sums[ids] - values) / others.clamp(min=1)
+    return values - torch.where(others > 0, baseline, torch.zeros_like(values))
 
 
 class LeaderFollowerGame(L.LightningModule):
@@ -330,11 +341,12 @@ class LeaderFollowerGame(L.LightningModule):
             raise ValueError(f"steering_path must be 'pathwise' or 'score_function', not {self.steering_path!r}")
         logp = batch["logp"]
         rewards = self.leader_values(detached, steering.phi_eval).detach()
-        plain = (leave_one_out(rewards) * logp).mean() + self.leader_regularizer(batch)
+        groups = batch.get("group")  # RLOO's baseline within each group (e.g. the answers to one prompt)
+        plain = (leave_one_out(rewards, groups) * logp).mean() + self.leader_regularizer(batch)
         if steering.is_zero:
             return plain, None
         s = self.steering_rewards(detached, steering)
-        return plain, (leave_one_out(s) * logp).mean()
+        return plain, (leave_one_out(s, groups) * logp).mean()
 
     def _has_regularizer(self) -> bool:
         return type(self).leader_regularizer is not LeaderFollowerGame.leader_regularizer

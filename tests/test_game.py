@@ -113,6 +113,13 @@ def test_leave_one_out_and_detach_batch():
     values = torch.tensor([1.0, 2.0, 6.0])
     torch.testing.assert_close(leave_one_out(values), torch.tensor([1 - 4.0, 2 - 3.5, 6 - 1.5]))
     torch.testing.assert_close(leave_one_out(torch.tensor([3.0])), torch.tensor([3.0]))
+    # per group (two prompts with three and two answers, and one answer alone): against its own group only
+    values = torch.tensor([1.0, 2.0, 6.0, 10.0, 20.0, 7.0])
+    groups = torch.tensor([5, 5, 5, 2, 2, 9])
+    expected = torch.tensor([1 - 4.0, 2 - 3.5, 6 - 1.5, 10 - 20.0, 20 - 10.0, 7.0])
+    torch.testing.assert_close(leave_one_out(values, groups), expected)
+    # one group holding everything is the plain leave-one-out
+    torch.testing.assert_close(leave_one_out(values, torch.zeros(6, dtype=torch.long)), leave_one_out(values))
     x = torch.ones(2, requires_grad=True)
     batch = detach_batch({"x": x * 2, "tag": "a"})
     assert not batch["x"].requires_grad and batch["tag"] == "a"

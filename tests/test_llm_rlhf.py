@@ -216,3 +216,16 @@ def test_prompts_from_jsonl_or_text(tmp_path):
     assert len(read_prompts("synthetic_eval.jsonl")) == 32  # a bare name reads the package's data folder
     with pytest.raises(ValueError, match="prompt file not found"):
         read_prompts(str(tmp_path / "missing.jsonl"))
+
+
+def test_rloo_baseline_is_taken_among_the_answers_to_one_prompt(checkpoints, monkeypatch):
+    import stackelberg.game as game_module
+
+    game = make_game(checkpoints, "game.update=rloo", "estimator.name=fpo")
+    seen = []
+    real = game_module.leave_one_out
+    monkeypatch.setattr(game_module, "leave_one_out", lambda values, groups=None: seen.append(groups) or
+                        real(values, groups))
+    game.play(1)
+    n, prompts = game.config.candidates, game.config.prompts_per_round
+    assert seen and all(g is not None and g.tolist() == [i // n for i in range(n * prompts)] for g in seen)

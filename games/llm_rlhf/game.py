@@ -204,6 +204,7 @@ class LLMRLHFGame(LeaderFollowerGame):
             "prompt_text": prompt_texts, "text": texts, "ref_text": ref_texts,
             "length": models.answer_lengths(answers, mask, self.tokenizer.eos_token_id),
             "logp": logp, "kl": (logp.detach() - logp_ref).float(),
+            "group": torch.arange(len(prompts), device=self.device).repeat_interleave(n),  # RLOO's baseline per prompt
         }
         batch.update(self._rm_inputs(prompt_texts, texts, "y"))
         batch.update(self._rm_inputs(prompt_texts, ref_texts, "ref"))
