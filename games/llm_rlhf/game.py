@@ -10,8 +10,8 @@ A round (its LLM experiment), for `prompts_per_round` prompts:
 3. the leader update, one of
    a. `bestofn` (the paper): score = r - FPO penalty (or + any estimator's steering reward); the best candidate
       of each prompt wins; SFT (mean token negative log-likelihood) step on the winners;
-   b. `rloo`: policy gradient on r - kl_coef * KL(policy || reference) with a per-prompt leave-one-out baseline; the core's
-      score-function path adds each sample's steering reward, so every estimator applies;
+   b. `rloo`: policy gradient on r - kl_coef * KL(policy || reference) with a per-prompt leave-one-out baseline;
+      the core's score-function path adds each sample's steering reward, so every estimator applies;
 4. the RM update on (answer vs reference answer): Bradley-Terry with the soft label sigmoid(U - U_ref)
    (`bt-soft`), a hard label (`bt-hard`) or regression on U (`regression`); trained on the winners (bestofn) or
    on every candidate (rloo).
