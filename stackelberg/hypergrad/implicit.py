@@ -7,8 +7,8 @@ d phi*/d theta = -H^-1 d^2 L_F / d phi d theta, with H the Hessian of L_F in phi
 
 solved with conjugate gradients (to a tolerance, warm-started from the last two rounds' solutions, which are kept
 in checkpoints; for a float64 follower, optionally with most products in float32) or with a truncated Neumann
-series. H is linearised once per solve (linalg.hvp_operator). The
-current phi stands in for phi*: the closer the follower is to its best response, the closer this is to exact.
+series. H is linearised once per solve (linalg.hvp_operator). The current phi stands in for phi*: the closer the
+follower is to its best response, the closer this is to exact.
 """
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ import torch
 from torch import Tensor
 
 from stackelberg.hypergrad import linalg
-from stackelberg.hypergrad.precision import LowPrecisionCopies
 from stackelberg.hypergrad.base import (
     Estimator,
     Steering,
@@ -26,6 +25,7 @@ from stackelberg.hypergrad.base import (
     leader_gradient_of,
     register,
 )
+from stackelberg.hypergrad.precision import LowPrecisionCopies
 
 
 class SolverFailure(RuntimeError):
