@@ -223,7 +223,8 @@ def _rounds(game: RidgeGame, opts: argparse.Namespace, follower_gradient: Callab
     solvers = {"implicit-cg (warm start)": ImplicitCG(tol=opts.tol, max_iter=opts.max_iter, warm_start=True),
                "implicit-cg (warm start, mixed precision)": ImplicitCG(tol=opts.tol, max_iter=opts.max_iter,
                                                                        warm_start=True, mixed_precision=True)}
-    ours_count = len(solvers)
+    solver_list = list(solvers.values())
+    ours_count = len(solver_list)
     times: List[List[float]] = [[] for _ in range(ours_count + 2)]  # follower gradient, ours..., TorchOpt
     errors: List[List[float]] = [[] for _ in range(ours_count + 1)]
     iterations: List[List[int]] = [[] for _ in range(ours_count)]
@@ -235,19 +236,19 @@ def _rounds(game: RidgeGame, opts: argparse.Namespace, follower_gradient: Callab
             w_star = game.best_response()
             game.follower.value.copy_(w_star)
             exact = game.exact_hypergradient()
-        ours = [_framework_estimate(game, cg, cold=False) for cg in solvers.values()]
+        ours = [_framework_estimate(game, cg, cold=False) for cg in solver_list]
         fns = [follower_gradient, *ours]
         if opts.torchopt_available:
             fns.append(_torchopt_estimate(game, w_star, opts.tol, opts.max_iter))
         # repeat each round's calls (interleaved), every repeat of ours starting from the same warm start
-        warm = [cg.state_dict() for cg in solvers.values()]
+        warm = [cg.state_dict() for cg in solver_list]
         repeats = 1 if r == 0 else opts.round_repeats
         round_times: List[List[float]] = [[] for _ in fns]
         outs: List[Any] = [None] * len(fns)
         for _ in range(repeats):
             for i, fn in enumerate(fns):
                 if 1 <= i <= ours_count:
-                    list(solvers.values())[i - 1].load_state_dict(warm[i - 1])
+                    solver_list[i - 1].load_state_dict(warm[i - 1])
                 start = time.perf_counter()
                 outs[i] = fn()
                 round_times[i].append(time.perf_counter() - start)
