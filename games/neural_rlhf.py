@@ -125,8 +125,10 @@ class NeuralRLHF(LeaderFollowerGame):
         return {"y": theta + self.sigma() * torch.randn(1, theta.shape[0])}  # reparameterised: keeps the graph
 
     def label(self, batch):
-        u = self.utility(batch["y"])
-        return {**batch, "u": u if self.config.label_gradient else u.detach()}
+        if self.config.label_gradient:
+            return {**batch, "u": self.utility(batch["y"])}
+        with torch.no_grad():  # an oracle's score: no graph to build
+            return {**batch, "u": self.utility(batch["y"])}
 
     def leader_values(self, batch, phi):
         y = batch["y"]

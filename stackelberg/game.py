@@ -222,6 +222,8 @@ class LeaderFollowerGame(L.LightningModule):
             return
         if self.logger is not None and (self.round % self.log_every == 0 or self.round == self.rounds):
             self.logger.log_metrics(self._last, step=self.round)
+        if self._trainer.progress_bar_callback is None:  # self.log costs milliseconds even with nothing to show
+            return
         if self.round % 10 == 0 or self.round == self.rounds:
             shown = {k: v for k, v in self._last.items() if k in self.progress_metrics}
             if shown:
@@ -259,17 +261,17 @@ class LeaderFollowerGame(L.LightningModule):
             steering, plain, steer = self._objectives(batch)
             total = plain if steer is None else plain + steer
             g_total = self.all_reduce_mean(self._grad(total, self.leader_parameters, retain_graph=steer is not None))
-            if torch.isfinite(g_total).all():
+            if linalg.all_finite(g_total):
                 self.apply_gradient("leader", -g_total, averaged=True, finite=True)
                 return {}
             g_plain = self.all_reduce_mean(self._grad(plain, self.leader_parameters))
             g_steer = torch.full_like(g_plain, float("nan")) if steer is not None else torch.zeros_like(g_plain)
         logs = {k: float(v) for k, v in steering.diagnostics.items()}
         logs["steering/nonfinite"] = 0.0
-        if not torch.isfinite(g_steer).all():  # never let a broken steering term reach the parameters
+        if not linalg.all_finite(g_steer):  # never let a broken steering term reach the parameters
             logs["steering/nonfinite"] = 1.0
             g_steer = torch.zeros_like(g_steer)
-        if torch.isfinite(g_plain).all():
+        if linalg.all_finite(g_plain):
             logs["steering/norm"] = g_steer.norm().item()
             logs["steering/cos_policy_grad"] = linalg.cosine(g_steer, g_plain)
             logs["leader/grad_norm"] = g_plain.norm().item()
@@ -296,7 +298,7 @@ class LeaderFollowerGame(L.LightningModule):
             raise ValueError(f"player must be 'leader' or 'follower', not {player!r}")
         if not averaged:
             flat_grad = self.all_reduce_mean(flat_grad)
-        if not finite and not torch.isfinite(flat_grad).all():
+        if not finite and not linalg.all_finite(flat_grad):
             return False
         if config.clip_value is not None:
             flat_grad = flat_grad.clamp(-config.clip_value, config.clip_value)
@@ -304,7 +306,11 @@ class LeaderFollowerGame(L.LightningModule):
             norm = flat_grad.norm()
             if norm > config.clip_norm:
                 flat_grad = flat_grad * (config.clip_norm / norm)
-        grads = [g.view_as(p) for p, g in zip(params, torch.split(flat_grad.detach(), [p.numel() for p in params]))]
+        flat_grad = flat_grad.detach()
+        if len(params) == 1:  # a small game's leader is often one tensor: no split
+            grads = [flat_grad.view_as(params[0])]
+        else:
+            grads = [g.view_as(p) for p, g in zip(params, torch.split(flat_grad, [p.numel() for p in params]))]
         group = optimizer.param_groups[0]
         if (type(optimizer) is torch.optim.SGD and len(optimizer.param_groups) == 1 and not group["momentum"]
                 and not group["weight_decay"] and not group["maximize"]):
@@ -468,7 +474,8 @@ class LeaderFollowerGame(L.LightningModule):
         if not scalar.requires_grad:  # an objective that reaches theta only through the follower (e.g. HPO)
             return torch.cat([torch.zeros_like(p).reshape(-1) for p in params])
         grads = torch.autograd.grad(scalar, params, retain_graph=retain_graph, allow_unused=True)
-        return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params)])
+        flat = [(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params)]
+        return flat[0] if len(flat) == 1 else torch.cat(flat)
 
     def _distributed(self) -> bool:
         return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1

@@ -200,3 +200,12 @@ def test_cosine():
     assert linalg.cosine(a, a) == 1.0
     assert linalg.cosine(a, torch.tensor([0.0, 2.0], dtype=D)) == 0.0
     assert linalg.cosine(a, torch.zeros(2, dtype=D)) == 0.0
+
+
+def test_all_finite_agrees_with_isfinite_and_does_not_overflow():
+    big = torch.finfo(torch.float32).max
+    cases = [torch.zeros(0), torch.randn(10), torch.full((4,), big),  # the sum of these overflows; t - t does not
+             torch.tensor([1.0, float("inf")]), torch.tensor([float("-inf"), 2.0]), torch.tensor([0.0, float("nan")]),
+             torch.randn(3, 5, dtype=D).requires_grad_(True)]
+    for t in cases:
+        assert linalg.all_finite(t) is bool(torch.isfinite(t).all()), t
