@@ -218,7 +218,8 @@ class NeuralRLHF(LeaderFollowerGame):
     @classmethod
     def comparison_figures(cls, groups: Dict[str, List[Dict[str, List[float]]]]):
         """The paper's neural figures: true utility per round (first seed of each variant), the PCA phase plot
-        of the policy mean (first seed), and the all-seed utility plot (mean and min-max band per variant)."""
+        of the policy mean (first seed), and the all-seed utility plot (mean and min-max band per variant);
+        with several seeds, each seed's final true utility too."""
         import matplotlib.pyplot as plt
 
         from .linear_rlhf import _colors, ordered
@@ -259,7 +260,31 @@ class NeuralRLHF(LeaderFollowerGame):
         ax.legend(fontsize=8)
         fig.tight_layout()
         figures["true_utility_seeds"] = fig
+
+        if max(len(runs) for runs in groups.values()) > 1:
+            figures["final_utility_seeds"] = _final_strip(groups, colors, c)
         return figures
+
+
+def _final_strip(groups, colors, c: "NeuralRLHF.Config"):
+    """Each seed's final true utility, one column per variant, the mean as a bar: where a mean over a few seeds
+    hides two outcomes (a run holds near the ideal or collapses), this shows them."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(groups), 3.8))
+    for i, (label, runs) in enumerate(groups.items()):
+        finals = np.array([h["true/utility"][-1] for h in runs], dtype=float)
+        offsets = np.linspace(-0.18, 0.18, len(finals)) if len(finals) > 1 else np.zeros(1)
+        ax.plot(i + offsets, finals, "o", color=colors[label], ms=4, alpha=0.8)
+        ax.plot([i - 0.3, i + 0.3], [finals.mean()] * 2, color="k", lw=2)
+    ax.axhline(c.utility_scale, color="k", ls="--", lw=1)
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels([label.split("/")[-1] for label in groups], rotation=20, fontsize=8)
+    ax.set_ylabel("final true utility")
+    ax.set_title("Final true utility per seed (bar: mean)", fontsize=10)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    return fig
 
 
 def _mean_path(history: Dict[str, List[float]], dim: int):

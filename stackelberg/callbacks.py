@@ -1,4 +1,5 @@
-"""Callbacks that keep a run's record on disk: every round's metrics as JSON lines, then summary.json."""
+"""Callbacks that keep a run's record on disk (every round's metrics as JSON lines, then summary.json), and the
+statistics of several runs' summaries."""
 from __future__ import annotations
 
 import json
@@ -90,3 +91,32 @@ def summarize(rows: List[Dict[str, float]], best_metrics: Dict[str, str]) -> Dic
             value, at = (max if mode == "max" else min)(pairs, key=lambda p: p[0])
             best[key] = {"value": value, "round": at}
     return {"final": final, "best": best}
+
+
+def seed_statistics(summaries: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """Across runs of one variant (its seeds): mean, standard deviation, standard error of the mean, min and max
+    of every final metric and of every best value in their summary.json, with the seeds they come from."""
+
+    def stats(values: List[float]) -> Dict[str, float]:
+        n = len(values)
+        mean = sum(values) / n
+        sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+        return {"mean": mean, "sd": sd, "se": sd / math.sqrt(n), "min": min(values), "max": max(values), "n": n}
+
+    def collect(pick) -> Dict[str, Dict[str, float]]:
+        keys: List[str] = []
+        for s in summaries:
+            keys.extend(k for k in pick(s) if k not in keys)
+        out = {}
+        for key in keys:
+            values = [float(pick(s)[key]) for s in summaries if key in pick(s)]
+            values = [v for v in values if math.isfinite(v)]
+            if values:
+                out[key] = stats(values)
+        return out
+
+    return {
+        "seeds": [s.get("seed") for s in summaries],
+        "final": collect(lambda s: s.get("final", {})),
+        "best": collect(lambda s: {k: b["value"] for k, b in s.get("best", {}).items()}),
+    }

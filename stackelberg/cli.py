@@ -75,11 +75,13 @@ def _one_line(summary: dict) -> str:
 
 
 def figures(run_dirs: Sequence[Path], out: Path) -> List[Path]:
-    """Comparison figures (PNG and TensorBoard images) and a table, comparison.json, of finished runs."""
+    """Comparison figures (PNG and TensorBoard images) of finished runs, and comparison.json: for each variant
+    the statistics of its runs' summaries over seeds (printed too), and each run's summary."""
     from omegaconf import OmegaConf
     from torch.utils.tensorboard import SummaryWriter
 
     from stackelberg import plots
+    from stackelberg.callbacks import seed_statistics
     from stackelberg.recipes import resolve_game
 
     run_dirs = [Path(d) for d in run_dirs]
@@ -96,14 +98,22 @@ def figures(run_dirs: Sequence[Path], out: Path) -> List[Path]:
     writer = SummaryWriter(str(out))  # the comparison figures in TensorBoard too (tensorboard --logdir OUT)
     paths = plots.save(drawn, out, writer)
     writer.close()
-    table = {}
+    runs, by_variant = {}, {}
     for d in run_dirs:
         summary_path = d / "summary.json"
         if summary_path.is_file():
-            table[str(d)] = json.loads(summary_path.read_text())
-    (Path(out) / "comparison.json").write_text(json.dumps(table, indent=2) + "\n")
+            runs[str(d)] = summary = json.loads(summary_path.read_text())
+            by_variant.setdefault(str(summary.get("recipe") or d.name), []).append(summary)
+    variants = {label: seed_statistics(summaries) for label, summaries in by_variant.items()}
+    (Path(out) / "comparison.json").write_text(json.dumps({"variants": variants, "runs": runs}, indent=2) + "\n")
     for p in paths:
         print(p)
+    shown = list(dict.fromkeys([*getattr(game_cls, "best_metrics", {}), *getattr(game_cls, "progress_metrics", ())]))
+    for label, stats in variants.items():
+        final = stats["final"]
+        parts = [f"{k} {final[k]['mean']:.3g} +- {final[k]['se']:.2g} [{final[k]['min']:.3g}, {final[k]['max']:.3g}]"
+                 for k in (shown or list(final)[:3]) if k in final]
+        print(f"{label}  n={len(stats['seeds'])}  final (mean +- standard error [min, max]): " + ", ".join(parts))
     return paths
 
 

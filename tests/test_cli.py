@@ -122,3 +122,33 @@ def test_an_estimator_of_ones_own_reads_its_keys_from_estimator_options(tmp_path
     # and the failed command leaves nothing behind: the next run in this process writes where it is told
     runner.run("quadratic/none", ["rounds=1", f"output_dir={tmp_path / 'c'}"], quiet=True)
     assert (tmp_path / "c" / "summary.json").is_file()
+
+
+def test_seed_statistics_exact():
+    from stackelberg.callbacks import seed_statistics
+
+    summaries = [{"seed": s, "final": {"u": u, "gone": float("nan")}, "best": {"u": {"value": u + 1, "round": 3}}}
+                 for s, u in zip([0, 1, 2, 3], [1.0, 2.0, 3.0, 6.0])]
+    stats = seed_statistics(summaries)
+    assert stats["seeds"] == [0, 1, 2, 3] and "gone" not in stats["final"]
+    u = stats["final"]["u"]
+    sd = (14 / 3) ** 0.5  # squared deviations 4 + 1 + 0 + 9, over n - 1
+    assert u["mean"] == 3.0 and u["min"] == 1.0 and u["max"] == 6.0 and u["n"] == 4
+    assert abs(u["sd"] - sd) < 1e-12 and abs(u["se"] - sd / 2) < 1e-12
+    assert stats["best"]["u"]["mean"] == 4.0
+
+
+def test_figures_writes_statistics_over_seeds(tmp_path, capsys):
+    dirs = [tmp_path / f"seed_{s}" for s in (1, 2)]
+    finals = [runner.run("quadratic/noisy", ["rounds=3", f"seed={s}", f"output_dir={d}"], quiet=True)["final"]
+              for s, d in zip((1, 2), dirs)]
+    capsys.readouterr()
+    cli.figures(dirs, tmp_path / "figures")
+    table = json.loads((tmp_path / "figures" / "comparison.json").read_text())
+    assert set(table["runs"]) == {str(d) for d in dirs}
+    stats = table["variants"]["quadratic/noisy"]
+    assert stats["seeds"] == [1, 2]
+    key = "leader/objective"
+    assert finals[0][key] != finals[1][key]
+    assert abs(stats["final"][key]["mean"] - (finals[0][key] + finals[1][key]) / 2) < 1e-12
+    assert "quadratic/noisy  n=2" in capsys.readouterr().out

@@ -118,8 +118,17 @@ def test_comparison_figures():
         return h
 
     figures = NeuralRLHF.comparison_figures({"neural/rlhf": [fake(1), fake(2)], "neural/fpo-relaxed": [fake(3)]})
-    assert set(figures) == {"true_utility", "phase_pca", "true_utility_seeds"}
+    assert set(figures) == {"true_utility", "phase_pca", "true_utility_seeds", "final_utility_seeds"}
+    strip = figures["final_utility_seeds"].axes[0]
+    dots = sorted(sorted(line.get_ydata()) for line in strip.lines if line.get_marker() == "o")
+    assert dots == [[1.0, 2.0], [3.0]]  # each seed's final utility, one column per variant
+    bars = sorted(line.get_ydata()[0] for line in strip.lines if line.get_marker() != "o")
+    assert bars == [1.5, 3.0, 10.0]  # the means, and the ideal's dashed line
     for fig in figures.values():
+        plt.close(fig)
+    single = NeuralRLHF.comparison_figures({"neural/rlhf": [fake(1)]})
+    assert "final_utility_seeds" not in single
+    for fig in single.values():
         plt.close(fig)
 
 
