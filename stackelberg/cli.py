@@ -110,9 +110,12 @@ def figures(run_dirs: Sequence[Path], out: Path) -> List[Path]:
         print(p)
     shown = list(dict.fromkeys([*getattr(game_cls, "best_metrics", {}), *getattr(game_cls, "progress_metrics", ())]))
     for label, stats in variants.items():
-        final = stats["final"]
+        final, keys = stats["final"], [k for k in (shown or list(stats["final"])[:3]) if k in stats["final"]]
+        if len(stats["seeds"]) == 1:
+            print(f"{label}  n=1  final: " + ", ".join(f"{k} {final[k]['mean']:.4g}" for k in keys))
+            continue
         parts = [f"{k} {final[k]['mean']:.3g} +- {final[k]['se']:.2g} [{final[k]['min']:.3g}, {final[k]['max']:.3g}]"
-                 for k in (shown or list(final)[:3]) if k in final]
+                 for k in keys]
         print(f"{label}  n={len(stats['seeds'])}  final (mean +- standard error [min, max]): " + ", ".join(parts))
     return paths
 
