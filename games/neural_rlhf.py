@@ -273,10 +273,10 @@ def _final_strip(groups, colors, c: "NeuralRLHF.Config"):
 
     fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(groups), 3.8))
     for i, (label, runs) in enumerate(groups.items()):
-        finals = np.array([h["true/utility"][-1] for h in runs], dtype=float)
+        finals = np.array([_last_finite(h["true/utility"]) for h in runs], dtype=float)
         offsets = np.linspace(-0.18, 0.18, len(finals)) if len(finals) > 1 else np.zeros(1)
         ax.plot(i + offsets, finals, "o", color=colors[label], ms=4, alpha=0.8)
-        ax.plot([i - 0.3, i + 0.3], [finals.mean()] * 2, color="k", lw=2)
+        ax.plot([i - 0.3, i + 0.3], [np.nanmean(finals)] * 2, color="k", lw=2)
     ax.axhline(c.utility_scale, color="k", ls="--", lw=1)
     ax.set_xticks(range(len(groups)))
     ax.set_xticklabels([label.split("/")[-1] for label in groups], rotation=20, fontsize=8)
@@ -285,6 +285,11 @@ def _final_strip(groups, colors, c: "NeuralRLHF.Config"):
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     return fig
+
+
+def _last_finite(values: List[float]) -> float:
+    """The last finite value (what summary.json reports as final), NaN if there is none."""
+    return next((v for v in reversed(values) if np.isfinite(v)), float("nan"))
 
 
 def _mean_path(history: Dict[str, List[float]], dim: int):

@@ -103,7 +103,7 @@ def figures(run_dirs: Sequence[Path], out: Path) -> List[Path]:
         summary_path = d / "summary.json"
         if summary_path.is_file():
             runs[str(d)] = summary = json.loads(summary_path.read_text())
-            by_variant.setdefault(str(summary.get("recipe") or d.name), []).append(summary)
+            by_variant.setdefault(plots.variant_of(d), []).append(summary)
     variants = {label: seed_statistics(summaries) for label, summaries in by_variant.items()}
     (Path(out) / "comparison.json").write_text(json.dumps({"variants": variants, "runs": runs}, indent=2) + "\n")
     for p in paths:

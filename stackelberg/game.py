@@ -216,15 +216,17 @@ class LeaderFollowerGame(L.LightningModule):
         """Write the round's metrics to the logger (every `log_every` rounds) and refresh the progress bar.
 
         Scalars go straight to the logger: Lightning's self.log costs about a millisecond per metric and
-        round, more than a round of a small game. Progress-bar values go through self.log every 10 rounds.
+        round, more than a round of a small game. The progress metrics go through self.log every 10 rounds, when
+        a progress bar shows them or a callback (early stopping, a checkpoint) monitors a metric.
         """
-        if self._trainer is None:
+        trainer = self._trainer
+        if trainer is None:
             return
         if self.logger is not None and (self.round % self.log_every == 0 or self.round == self.rounds):
             self.logger.log_metrics(self._last, step=self.round)
-        if self._trainer.progress_bar_callback is None:  # self.log costs milliseconds even with nothing to show
-            return
         if self.round % 10 == 0 or self.round == self.rounds:
+            if trainer.progress_bar_callback is None and not any(getattr(cb, "monitor", None) for cb in trainer.callbacks):
+                return
             shown = {k: v for k, v in self._last.items() if k in self.progress_metrics}
             if shown:
                 self.log_dict(shown, prog_bar=True, logger=False, on_step=True, on_epoch=False, batch_size=1)
@@ -475,7 +477,9 @@ class LeaderFollowerGame(L.LightningModule):
             return torch.cat([torch.zeros_like(p).reshape(-1) for p in params])
         grads = torch.autograd.grad(scalar, params, retain_graph=retain_graph, allow_unused=True)
         flat = [(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params)]
-        return flat[0] if len(flat) == 1 else torch.cat(flat)
+        # one tensor needs no cat; contiguous() copies only a broadcast gradient (e.g. of p.sum()), so the caller
+        # gets a tensor of its own that it may change in place, as cat's result was
+        return flat[0].contiguous() if len(flat) == 1 else torch.cat(flat)
 
     def _distributed(self) -> bool:
         return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1

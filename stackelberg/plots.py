@@ -70,21 +70,24 @@ def comparison(groups: Dict[str, List[Dict[str, List[float]]]], keys: Sequence[s
     return figures
 
 
-def load_histories(run_dirs: Sequence[Path]) -> Dict[str, List[Dict[str, List[float]]]]:
-    """Group run folders by their variant (the recipe name, without seed) and load their metric histories."""
+def variant_of(run_dir: Path) -> str:
+    """A run folder's variant: its recipe's name (from config.yaml), else the folder's name. Seeds share it."""
     from omegaconf import OmegaConf
 
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.yaml"
+    if config_path.is_file():
+        return str(OmegaConf.load(config_path).get("name") or run_dir.name)
+    return run_dir.name
+
+
+def load_histories(run_dirs: Sequence[Path]) -> Dict[str, List[Dict[str, List[float]]]]:
+    """Group run folders by their variant (the recipe name, without seed) and load their metric histories."""
     groups: Dict[str, List[Dict[str, List[float]]]] = {}
     for run_dir in run_dirs:
-        run_dir = Path(run_dir)
-        rows = read_metrics(run_dir)
-        if not rows:
-            continue
-        label = run_dir.name
-        config_path = run_dir / "config.yaml"
-        if config_path.is_file():
-            label = str(OmegaConf.load(config_path).get("name") or label)
-        groups.setdefault(label, []).append(history_of(rows))
+        rows = read_metrics(Path(run_dir))
+        if rows:
+            groups.setdefault(variant_of(run_dir), []).append(history_of(rows))
     return groups
 
 

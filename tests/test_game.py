@@ -149,3 +149,26 @@ def test_pathwise_steering_inner_equals_mean_of_per_sample_rewards():
     (g_inner,) = torch.autograd.grad(inner, game.leader_parameters, retain_graph=True)
     (g_rewards,) = torch.autograd.grad(rewards, game.leader_parameters)
     torch.testing.assert_close(g_inner, g_rewards, rtol=1e-12, atol=1e-14)
+
+
+def test_a_one_tensor_gradient_is_a_tensor_of_its_own():
+    p = torch.nn.Parameter(torch.randn(4))
+    g = game_module.LeaderFollowerGame._grad(p.sum(), [p])  # autograd returns a broadcast (stride 0) gradient here
+    g.mul_(2)  # a caller may change it in place
+    assert g.is_contiguous() and torch.equal(g, torch.full((4,), 2.0))
+
+
+@pytest.mark.parametrize("bar, monitored, logged", [(False, False, False), (False, True, True), (True, False, True)])
+def test_progress_metrics_reach_lightning_when_a_bar_or_a_callback_wants_them(bar, monitored, logged, tmp_path):
+    import lightning as L
+
+    from stackelberg.runner import _rounds_loader
+
+    game = QuadraticGame(rounds=10)
+    callbacks = [L.pytorch.callbacks.EarlyStopping(monitor="leader/objective", mode="max", patience=100,
+                                                   check_on_train_epoch_end=True)] if monitored else []
+    trainer = L.Trainer(max_epochs=1, enable_progress_bar=bar, enable_checkpointing=False, logger=False,
+                        enable_model_summary=False, callbacks=callbacks, default_root_dir=tmp_path)
+    trainer.fit(game, _rounds_loader(10))
+    assert game.round == 10
+    assert ("leader/objective" in trainer.callback_metrics) == logged  # self.log costs time: only when wanted

@@ -206,6 +206,8 @@ def test_all_finite_agrees_with_isfinite_and_does_not_overflow():
     big = torch.finfo(torch.float32).max
     cases = [torch.zeros(0), torch.randn(10), torch.full((4,), big),  # the sum of these overflows; t - t does not
              torch.tensor([1.0, float("inf")]), torch.tensor([float("-inf"), 2.0]), torch.tensor([0.0, float("nan")]),
-             torch.randn(3, 5, dtype=D).requires_grad_(True)]
+             torch.randn(3, 5, dtype=D).requires_grad_(True), torch.tensor([1.0, float("nan")], dtype=torch.float16),
+             torch.tensor([1 + 1j, complex(float("inf"), 0)]), torch.tensor([1 + 1j]), torch.arange(4),
+             torch.tensor([True, False])]
     for t in cases:
         assert linalg.all_finite(t) is bool(torch.isfinite(t).all()), t
