@@ -225,7 +225,8 @@ class LeaderFollowerGame(L.LightningModule):
         if self.logger is not None and (self.round % self.log_every == 0 or self.round == self.rounds):
             self.logger.log_metrics(self._last, step=self.round)
         if self.round % 10 == 0 or self.round == self.rounds:
-            if trainer.progress_bar_callback is None and not any(getattr(cb, "monitor", None) for cb in trainer.callbacks):
+            monitored = any(getattr(cb, "monitor", None) for cb in trainer.callbacks)
+            if trainer.progress_bar_callback is None and not monitored:
                 return
             shown = {k: v for k, v in self._last.items() if k in self.progress_metrics}
             if shown:
